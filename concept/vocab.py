@@ -1,0 +1,131 @@
+"""Token mappings (per-species vocabularies) and gene panels.
+
+Read with the ``csv`` module only: this is on the training import path, which must not
+need pandas.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLS_TOKEN = 0
+PAD_TOKEN = 1
+_VERSION_SUFFIX = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
+
+
+class InputError(ValueError):
+    """An input file is malformed; the message names the file and the problem."""
+
+
+def strip_version(gene_id: str) -> str:
+    """``ENSG00000000003.5`` -> ``ENSG00000000003``; other ids are returned unchanged."""
+    m = _VERSION_SUFFIX.match(gene_id)
+    return m.group(1) if m else gene_id
+
+
+def file_sha256(*paths: Path) -> str:
+    """Hash of the names and bytes of files (order-independent on names)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass
+class TokenMapping:
+    """A species' vocabulary: ``gene_id -> token`` with ``<cls>=0`` and ``<pad>=1``."""
+
+    path: Path
+    gene_ids: list[str]  # index = token
+    gene_names: list[str]
+    sha256: str
+
+    @property
+    def size(self) -> int:
+        return len(self.gene_ids)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.size <= 65536 else np.uint32)
+
+    def tokens_of(self, ids: list[str] | np.ndarray) -> np.ndarray:
+        """Tokens of gene ids (version suffixes stripped); -1 where not in the vocabulary."""
+        lookup = self._lookup
+        return np.fromiter((lookup.get(strip_version(str(g)), -1) for g in ids), np.int64, len(ids))
+
+    def tokens_of_names(self, names: list[str] | np.ndarray) -> np.ndarray:
+        """Tokens of gene symbols (case-insensitive); -1 where unknown."""
+        by_name = {n.upper(): t for t, n in enumerate(self.gene_names) if n}
+        return np.fromiter((by_name.get(str(n).upper(), -1) for n in names), np.int64, len(names))
+
+    def __post_init__(self) -> None:
+        self._lookup = {g: t for t, g in enumerate(self.gene_ids)}
+
+
+def read_token_mapping(path: str | Path) -> TokenMapping:
+    """Read and check ``<species>.csv`` with columns ``gene_id,gene_name,token``.
+
+    Raises
+    ------
+    InputError
+        Missing file or columns, duplicate ids, non-contiguous tokens, or ``<cls>``/``<pad>``
+        not at tokens 0/1.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: token mapping not found")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"gene_id", "token"} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(f"{path}: token mapping lacks column(s) {sorted(missing)}")
+        rows = list(reader)
+    try:
+        tokens = np.array([int(r["token"]) for r in rows], dtype=np.int64)
+    except ValueError as e:
+        raise InputError(f"{path}: non-integer token ({e})") from None
+    ids = [r["gene_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(g for g in ids if ids.count(g) > 1)
+        raise InputError(f"{path}: duplicate gene_id {dup!r}")
+    order = np.argsort(tokens)
+    if not np.array_equal(tokens[order], np.arange(len(tokens))):
+        raise InputError(f"{path}: tokens must be contiguous 0..{len(tokens) - 1}")
+    ids = [ids[i] for i in order]
+    names = [rows[i].get("gene_name") or "" for i in order]
+    if ids[:2] != ["<cls>", "<pad>"]:
+        raise InputError(f"{path}: <cls> must have token 0 and <pad> token 1, got {ids[:2]}")
+    return TokenMapping(path, ids, names, file_sha256(path))
+
+
+@dataclass
+class Panel:
+    """A gene panel of a real targeted assay (view 1 in the predesigned case)."""
+
+    name: str  # "<species>/<file>.csv", as the reference reports it
+    gene_ids: list[str]
+
+
+def panel_files(panels_root: str | Path, species: str, regex: str = ".*") -> list[Path]:
+    """``PANELS_PATH/<species>/*.csv`` whose names match ``regex`` (sorted)."""
+    folder = Path(panels_root) / species
+    pattern = re.compile(regex)
+    return sorted(p for p in folder.glob("*.csv") if pattern.search(p.name)) if folder.is_dir() else []
+
+
+def read_panel(path: str | Path) -> Panel:
+    """Read a panel CSV (column ``Ensembl_ID``; other columns ignored)."""
+    path = Path(path)
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if "Ensembl_ID" not in (reader.fieldnames or []):
+            raise InputError(f"{path}: panel CSV has no 'Ensembl_ID' column")
+        ids = [strip_version(r["Ensembl_ID"].strip()) for r in reader if r["Ensembl_ID"]]
+    return Panel(f"{path.parent.name}/{path.name}", ids)
