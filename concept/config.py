@@ -108,7 +108,9 @@ class CompileConfig:
 
     def __post_init__(self) -> None:
         if not (self.x_source in ("auto", "X", "raw") or self.x_source.startswith("layers/")):
-            raise ConfigError(f"compile.x_source={self.x_source!r}: expected auto, X, raw or layers/<name>")
+            raise ConfigError(
+                f"compile.x_source={self.x_source!r}: expected auto, X, raw or layers/<name>"
+            )
         _check_choice("compile.normalization", self.normalization, NORMALIZATIONS)
         _check_choice("compile.value_dtype", self.value_dtype, ("float16", "float32"))
         _check_choice("compile.compressor", self.compressor, (None, "zstd", "blosc"))
@@ -333,7 +335,9 @@ def validate(cfg: DictConfig | dict) -> Config:
     except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
         missing = re.search(r"Missing mandatory value: (\S+)", str(e))
         key = missing.group(1) if missing else e.full_key
-        raise ConfigError(f"missing value for {key}: pass it on the command line, e.g. {key}=...") from None
+        raise ConfigError(
+            f"missing value for {key}: pass it on the command line, e.g. {key}=..."
+        ) from None
     plain = dict(plain)
     plain.pop("hydra", None)
     dm = dict(plain.get("datamodule", {}))

@@ -51,7 +51,9 @@ def _split_dict(entry: Any, default_key: str, where: str) -> tuple[dict, str]:
     return entry, default_key
 
 
-def resolve_split_list(entries: list[Any], default_key: str, where: str = "split") -> list[SplitFile]:
+def resolve_split_list(
+    entries: list[Any], default_key: str, where: str = "split"
+) -> list[SplitFile]:
     """Turn split entries into the files they name.
 
     Parameters
@@ -82,7 +84,9 @@ def resolve_split_list(entries: list[Any], default_key: str, where: str = "split
 
 def train_files(cfg: Config) -> list[SplitFile]:
     """Files of the train dataset."""
-    return resolve_split_list(cfg.datamodule.dataset.train.split, "train", "datamodule.dataset.train")
+    return resolve_split_list(
+        cfg.datamodule.dataset.train.split, "train", "datamodule.dataset.train"
+    )
 
 
 def val_files(cfg: Config) -> dict[str, list[SplitFile]]:

@@ -117,7 +117,9 @@ def panel_files(panels_root: str | Path, species: str, regex: str = ".*") -> lis
     """``PANELS_PATH/<species>/*.csv`` whose names match ``regex`` (sorted)."""
     folder = Path(panels_root) / species
     pattern = re.compile(regex)
-    return sorted(p for p in folder.glob("*.csv") if pattern.search(p.name)) if folder.is_dir() else []
+    return (
+        sorted(p for p in folder.glob("*.csv") if pattern.search(p.name)) if folder.is_dir() else []
+    )
 
 
 def read_panel(path: str | Path) -> Panel:

@@ -1,0 +1,30 @@
+# The README's two commands. Each creates .venv with plain pip on first use; the stamp
+# file makes a second run install nothing unless pyproject.toml changed.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO ?= projects/demo
+
+.PHONY: demo test lint venv clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m concept.demo PATH.PROJECT_PATH=$(DEMO)
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,397 @@
+"""Compile one ``.h5ad`` file into a token store (DESIGN.md section 5).
+
+Two passes with bounded memory:
+
+1. Read the file in row blocks, tokenize and order every cell (``concept.tokenize``),
+   and append each cell to the scratch *bucket* that holds its shuffled output position.
+   A bucket is a contiguous range of output cells sized to a few million entries.
+2. Load one bucket at a time, put its cells in output order in memory, and write them
+   as whole Zarr shards.
+
+Only the per-cell index arrays grow with the number of cells (about 40 bytes per cell).
+The store is built under a temporary name and renamed when complete, under a per-store
+lock, so a killed compile never leaves a half store and two compiles never collide.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from concept import store as fmt
+from concept.h5ad import H5adSource
+from concept.tokenize import tokenize_csr
+from concept.vocab import InputError, TokenMapping, file_sha256, read_panel, read_token_mapping
+
+COMPILER_VERSION = "1"
+BUCKET_ELEMENTS = 8 << 20  # entries per scratch bucket: bounds pass-2 memory (~100 MB)
+
+
+@dataclass
+class FileJob:
+    """Everything one worker needs to compile one file (picklable)."""
+
+    source: str  # h5ad path
+    species: str
+    source_name: str
+    section: str
+    out: str  # final store path
+    mapping: str  # token-mapping CSV
+    panels: list[str]
+    settings: dict  # compile settings that change the store's bytes (fingerprinted)
+    rows_per_read: int = 8192
+    force: bool = False
+
+
+@dataclass
+class FileReport:
+    file: str
+    species: str
+    section: str
+    status: str  # compiled | skipped | failed
+    store: str = ""
+    n_cells: int = 0
+    nnz: int = 0
+    coverage: float = 0.0  # fraction of the file's genes found in the vocabulary
+    n_cells_unmapped: int = 0  # cells with no mapped gene (kept, empty)
+    duplicate_genes: int = 0  # source genes dropped as duplicates after mapping
+    seconds: float = 0.0
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.n_cells / self.seconds if self.seconds and self.status == "compiled" else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "cells_per_s": round(self.cells_per_s, 1)}
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """Size, mtime and the first and last MiB: cheap, and changes whenever the file does."""
+    path = Path(path)
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(st.st_size - (1 << 20), 0))
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+@contextmanager
+def store_lock(out: Path):
+    """Exclusive lock for one store; released by the OS if the process dies."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _is_current(out: Path, expected: dict) -> bool:
+    try:
+        attrs = fmt.read_attrs(out)
+    except fmt.StoreError:
+        return False
+    return all(attrs.get(k) == v for k, v in expected.items())
+
+
+def _compressors(name: str | None):
+    import zarr
+
+    if name is None:
+        return None
+    if name == "zstd":
+        return [zarr.codecs.ZstdCodec(level=3)]
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+
+
+class _ShardWriter:
+    """Appends to a 1-D Zarr array in whole shards, so no shard is ever rewritten."""
+
+    def __init__(self, array, shard: int, dtype: np.dtype):
+        self.array, self.shard, self.dtype = array, shard, dtype
+        self.pos, self.pending = 0, []
+
+    def append(self, data: np.ndarray) -> None:
+        self.pending.append(data.astype(self.dtype, copy=False))
+        if sum(len(p) for p in self.pending) >= self.shard:
+            buf = np.concatenate(self.pending)
+            k = len(buf) // self.shard * self.shard
+            self.array[self.pos : self.pos + k] = buf[:k]
+            self.pos += k
+            self.pending = [buf[k:]]
+
+    def close(self) -> None:
+        buf = np.concatenate(self.pending) if self.pending else np.empty(0, self.dtype)
+        if len(buf):
+            self.array[self.pos : self.pos + len(buf)] = buf
+        self.pos += len(buf)
+
+
+def _gather(indptr: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Entry indices that put packed cells in ``order`` (vectorized segment gather)."""
+    counts = np.diff(indptr)[order]
+    starts = indptr[:-1][order]
+    out_starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.repeat(starts - out_starts, counts) + np.arange(counts.sum())
+
+
+def _column_tokens(src: H5adSource, mapping: TokenMapping, var_column: str | None):
+    """Token per source column (-1: not in vocabulary or a duplicate); duplicate count."""
+    col_tokens = mapping.tokens_of(src.var_ids(var_column))
+    mapped = np.flatnonzero(col_tokens >= 0)
+    _, first = np.unique(col_tokens[mapped], return_index=True)
+    dup = np.setdiff1d(mapped, mapped[first])
+    # Two source columns with one id (e.g. two versions of one Ensembl gene): keep the first.
+    col_tokens[dup] = -1
+    return col_tokens, len(dup)
+
+
+def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, progress) -> dict:
+    """Write the store into ``tmp``; return the per-store attributes to set."""
+    import zarr
+
+    s = job.settings
+    with H5adSource(job.source, s["x_source"]) as src:
+        col_tokens, report.duplicate_genes = _column_tokens(src, mapping, s["var_column"])
+        n_mapped = int((col_tokens >= 0).sum())
+        if n_mapped == 0:
+            raise InputError(f"{job.source}: no gene overlaps the {job.species} vocabulary")
+        report.coverage = n_mapped / max(src.n_vars, 1)
+        n = src.n_cells
+        perm = np.random.default_rng(s["shuffle_seed"]).permutation(n)
+        out_pos = np.empty(n, dtype=np.int64)
+        out_pos[perm] = np.arange(n)
+        per_cell = src.nnz_hint / max(n, 1) if src.nnz_hint is not None else src.n_vars / 10
+        bucket_cells = int(np.clip(BUCKET_ELEMENTS // max(per_cell, 1), 256, max(n, 1)))
+        n_buckets = max(-(-n // bucket_cells), 1)
+
+        obs = {}
+        for key in s["obs_keys"]:
+            col = src.obs_column(key)
+            if col is None and key == "dataset":  # the reference's file-index key
+                col = (np.zeros(n, np.int32), [Path(job.source).stem])
+            elif col is None:
+                report.warnings.append(f"obs column {key!r} missing: codes -1")
+                col = (np.full(n, -1, np.int32), [])
+            obs[key] = col
+
+        scratch = tmp / "_scratch"
+        scratch.mkdir(parents=True)
+        tok_files = [open(scratch / f"t{b}", "wb") for b in range(n_buckets)]
+        val_files = [open(scratch / f"v{b}", "wb") for b in range(n_buckets)]
+        pos_lists: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
+        total_counts = np.zeros(n, np.float32)
+        n_genes = np.zeros(n, np.int32)
+        nnz = np.zeros(n, np.int64)
+        # Scratch values keep the exact input dtype when raw (the store's dtype depends on
+        # the file's max, known only at the end); normalized values go straight to theirs.
+        raw = s["normalization"] == "raw"
+        vmax, integral, val_dtype = 0.0, raw, None
+        try:
+            for a, indptr, indices, data in src.blocks(job.rows_per_read):
+                try:
+                    blk = tokenize_csr(indptr, indices, data, col_tokens, s["normalization"])
+                except InputError as e:
+                    raise InputError(
+                        f"{job.source}: rows {a}..{a + len(indptr) - 2}: {e}"
+                    ) from None
+                m = len(indptr) - 1
+                total_counts[a : a + m] = blk.total_counts
+                n_genes[a : a + m] = blk.n_genes
+                nnz[a : a + m] = np.diff(blk.indptr)
+                vals = blk.values if raw else blk.values.astype(s["value_dtype"])
+                val_dtype = vals.dtype
+                if integral and vals.size:
+                    vmax = max(vmax, float(vals.max()))
+                    integral = bool(np.array_equal(vals, np.floor(vals)))
+                # Scatter this block's cells to their buckets, in bucket order.
+                bucket = out_pos[a : a + m] // bucket_cells
+                order = np.argsort(bucket, kind="stable")
+                idx = _gather(blk.indptr, order)
+                toks = blk.tokens[idx].astype(mapping.token_dtype)
+                vals = vals[idx]
+                cuts = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+                ecuts = np.concatenate([[0], np.cumsum(np.diff(blk.indptr)[order])])[cuts]
+                for b in np.flatnonzero(np.diff(cuts)):
+                    toks[ecuts[b] : ecuts[b + 1]].tofile(tok_files[b])
+                    vals[ecuts[b] : ecuts[b + 1]].tofile(val_files[b])
+                    pos_lists[b].append(out_pos[a : a + m][order[cuts[b] : cuts[b + 1]]])
+                if progress is not None:
+                    progress.put(m)
+        finally:
+            for fh in tok_files + val_files:
+                fh.close()
+
+    val_dtype = val_dtype or np.dtype(np.float32)
+    if integral:
+        store_vdtype = fmt.uint_dtype_for(vmax)
+    else:
+        store_vdtype = np.dtype(s["value_dtype"])
+    total = int(nnz.sum())
+    comp = _compressors(s["compressor"])
+    root = zarr.open_group(tmp, mode="a", zarr_format=3)
+
+    def entries(name: str, dtype: np.dtype):
+        return root.create_array(
+            name,
+            shape=(total,),
+            chunks=(s["chunk_elements"],),
+            shards=(s["shard_elements"],),
+            dtype=dtype,
+            compressors=comp,
+            fill_value=0,
+        )
+
+    tok_w = _ShardWriter(
+        entries(fmt.TOKENS, mapping.token_dtype), s["shard_elements"], mapping.token_dtype
+    )
+    val_w = _ShardWriter(entries(fmt.VALUES, store_vdtype), s["shard_elements"], store_vdtype)
+    out_nnz = nnz[perm]
+    for b in range(n_buckets):
+        pos = np.concatenate(pos_lists[b]) if pos_lists[b] else np.empty(0, np.int64)
+        counts = out_nnz[pos]
+        local = np.concatenate([[0], np.cumsum(counts)])
+        idx = _gather(local, np.argsort(pos))
+        tok_w.append(np.fromfile(scratch / f"t{b}", dtype=mapping.token_dtype)[idx])
+        val_w.append(np.fromfile(scratch / f"v{b}", dtype=val_dtype)[idx])
+        (scratch / f"t{b}").unlink()
+        (scratch / f"v{b}").unlink()
+    tok_w.close()
+    val_w.close()
+    shutil.rmtree(scratch)
+
+    def cells(name: str, data: np.ndarray, attrs: dict | None = None) -> None:
+        arr = root.create_array(
+            name,
+            shape=data.shape,
+            chunks=(max(min(s["cell_chunk"], len(data)), 1),),
+            dtype=data.dtype,
+            compressors=comp,
+            fill_value=0,
+        )
+        arr[:] = data
+        if attrs:
+            arr.attrs.update(attrs)
+
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(out_nnz, out=indptr[1:])
+    cells(fmt.INDPTR, indptr)
+    cells(fmt.VAR_TOKENS, np.unique(col_tokens[col_tokens >= 0]).astype(mapping.token_dtype))
+    cells(fmt.TOTAL_COUNTS, total_counts[perm])
+    cells(fmt.N_GENES, n_genes[perm])
+    cells(fmt.ROW, perm.astype(np.int64))
+    for key, (codes, cats) in obs.items():
+        cells(f"{fmt.OBS_GROUP}/{key}", codes[perm], {"categories": cats})
+
+    report.n_cells, report.nnz = n, total
+    report.n_cells_unmapped = int((nnz == 0).sum())
+    return {
+        "n_cells": n,
+        "nnz": total,
+        "n_var_mapped": n_mapped,
+        "n_var_source": int(len(col_tokens)),
+        "x_source": src.x_source,
+        "value_dtype": store_vdtype.name,
+        "obs_keys": list(obs),
+        "n_cells_unmapped": report.n_cells_unmapped,
+        "duplicate_genes": report.duplicate_genes,
+    }
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove temporary stores a killed compile left behind (caller holds the lock)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+_MAPPINGS: dict[str, TokenMapping] = {}
+
+
+def compile_file(job: FileJob, progress=None) -> FileReport:
+    """Compile one file (or skip it when its store is current); never raises for bad input.
+
+    Parameters
+    ----------
+    job
+        The file and settings.
+    progress
+        Optional queue receiving the number of cells done after each block.
+    """
+    t0 = time.perf_counter()
+    report = FileReport(job.source, job.species, job.section, "failed", store=job.out)
+    out = Path(job.out)
+    try:
+        if job.mapping not in _MAPPINGS:
+            _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
+        mapping = _MAPPINGS[job.mapping]
+        for p in job.panels:
+            read_panel(p)  # a malformed panel fails its species' files, loudly
+        expected = {
+            "format_version": fmt.FORMAT_VERSION,
+            "source_fingerprint": source_fingerprint(job.source),
+            "vocab_sha256": mapping.sha256,
+            "panels_sha256": file_sha256(*map(Path, job.panels)),
+            "settings": job.settings,
+            "compiler_version": COMPILER_VERSION,
+        }
+        with store_lock(out):
+            if not job.force and _is_current(out, expected):
+                attrs = fmt.read_attrs(out)
+                report.status, report.n_cells, report.nnz = (
+                    "skipped",
+                    attrs["n_cells"],
+                    attrs["nnz"],
+                )
+                report.coverage = attrs["n_var_mapped"] / max(attrs["n_var_source"], 1)
+                return report
+            _clean_leftovers(out)
+            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+            try:
+                attrs = _build(job, mapping, tmp, report, progress)
+                import zarr
+
+                root = zarr.open_group(tmp, mode="a", zarr_format=3)
+                root.attrs.update(
+                    {
+                        "format": fmt.FORMAT,
+                        "species": job.species,
+                        "source_name": job.source_name,
+                        "source_file": Path(job.source).name,
+                        "normalization": job.settings["normalization"],
+                        "shuffle_seed": job.settings["shuffle_seed"],
+                        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                        **expected,
+                        **attrs,
+                    }
+                )
+                if out.exists():  # replace: move the old store aside first, then swap
+                    old = out.parent / f".{out.name}.old-{os.getpid()}"
+                    out.rename(old)
+                    tmp.rename(out)
+                    shutil.rmtree(old)
+                else:
+                    tmp.rename(out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        report.status = "compiled"
+    except InputError as e:
+        report.error = str(e)  # InputErrors name their file (the h5ad, a mapping, a panel)
+    except Exception as e:  # an unexpected failure of one file must not stop the others
+        report.error = f"{job.source}: {type(e).__name__}: {e}"
+    finally:
+        report.seconds = time.perf_counter() - t0
+    return report
