@@ -237,10 +237,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                 fh.close()
 
     val_dtype = val_dtype or np.dtype(np.float32)
-    if integral:
-        store_vdtype = fmt.uint_dtype_for(vmax)
-    else:
-        store_vdtype = np.dtype(s["value_dtype"])
+    store_vdtype = fmt.uint_dtype_for(vmax) if integral else np.dtype(s["value_dtype"])
     total = int(nnz.sum())
     comp = _compressors(s["compressor"])
     root = zarr.open_group(tmp, mode="a", zarr_format=3)
