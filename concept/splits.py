@@ -98,12 +98,19 @@ def val_files(cfg: Config) -> dict[str, list[SplitFile]]:
 
 
 def configured_files(cfg: Config, sections: tuple[str, ...] = SECTIONS) -> list[SplitFile]:
-    """Every file the config trains or validates on (deduplicated, stable order)."""
-    groups = ([train_files(cfg)] if "train" in sections else []) + (
-        list(val_files(cfg).values()) if "val" in sections else []
-    )
+    """Every file named by a split the config uses: both lists of each split (deduplicated).
+
+    The train dataset and every validation loader contribute their split dicts; each split
+    gives its ``train`` and ``val`` lists (those named in ``sections``), so the compiler
+    builds what any loader of the config may read.
+    """
+    entries = list(cfg.datamodule.dataset.train.split)
+    for view in cfg.datamodule.dataset.val.values():
+        entries += list(view.split)
     out: dict[Path, SplitFile] = {}
-    for files in groups:
-        for f in files:
-            out.setdefault(f.path, f)
+    for i, entry in enumerate(entries):
+        split, _ = _split_dict(entry, "train", f"split entry {i}")
+        for key in sections:
+            for f in resolve_split_list([split], key):
+                out.setdefault(f.path, f)
     return list(out.values())

@@ -335,6 +335,8 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         if job.mapping not in _MAPPINGS:
             _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
         mapping = _MAPPINGS[job.mapping]
+        if not Path(job.source).is_file():
+            raise InputError(f"{job.source}: file not found")
         for p in job.panels:
             read_panel(p)  # a malformed panel fails its species' files, loudly
         expected = {

@@ -1,0 +1,34 @@
+"""Shared fixtures: one small synthetic project per test session, copied when mutated."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from concept.config import load_config
+from preprocess.synth import generate_project
+
+SMALL = {"n_cells": 200, "n_genes": 3000, "pretrained_dim": 8}
+
+
+@pytest.fixture(scope="session")
+def synth_project(tmp_path_factory) -> Path:
+    """A small synthetic project (read-only: copy it with ``project_copy`` to change it)."""
+    path = tmp_path_factory.mktemp("synth") / "project"
+    generate_project(path, seed=0, progress=False, **SMALL)
+    return path
+
+
+@pytest.fixture
+def project_copy(synth_project, tmp_path) -> Path:
+    """A private copy of the synthetic project."""
+    dst = tmp_path / "project"
+    shutil.copytree(synth_project, dst)
+    return dst
+
+
+def config(project: Path, *overrides: str):
+    """Typed config for a project, compiling without LaminDB unless asked."""
+    return load_config([f"PATH.PROJECT_PATH={project}", "compile.register=false", *overrides])

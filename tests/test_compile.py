@@ -1,0 +1,400 @@
+"""The compiler: round trips on every layout, shuffle, incremental runs, crashes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import config
+
+from concept.store import StoreError, open_store, store_path
+from concept.tokenize import tokenize_csr
+from concept.vocab import read_token_mapping
+from preprocess import compile as cli
+from preprocess.compile import make_jobs
+from preprocess.verify import verify_store
+
+REPO = Path(__file__).resolve().parents[1]
+H5 = "data/synth_cxg/h5ads"
+
+
+def _stores(project: Path) -> dict[str, Path]:
+    root = project / "compiled" / "synth_cxg"
+    return {p.name.removesuffix(".zarr"): p for p in sorted(root.glob("*.zarr"))}
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    s = open_store(path)
+    out = {"indptr": s.indptr, "rows": s.rows, "var": s.var_tokens, "tc": s.total_counts}
+    out["tokens"], out["values"], _ = s.cells(0, len(s))
+    for k in s.obs_keys:
+        out[f"obs/{k}"] = s.obs(k)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, synth_project):
+    """The synthetic project compiled once (both species)."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("compiled") / "project"
+    shutil.copytree(synth_project, dst)
+    code = cli.run(config(dst, "datamodule=DataModuleSynthMultiSpecies", "compile.workers=1"))
+    assert code == 0
+    return dst
+
+
+def test_every_layout_round_trips(compiled):
+    """Each stored cell equals an independent lexsort computation from the source file."""
+    stores = _stores(compiled)
+    assert set(stores) == {
+        "hs_csr_a",
+        "hs_raw_b",
+        "hs_csc_c",
+        "hs_dense_d",
+        "hs_csr_e",
+        "mm_csr_a",
+        "mm_raw_b",
+        "mm_csr_c",
+    }
+    refs = compiled / "references/vocabulary/token_mappings_per_specie"
+    for stem, path in stores.items():
+        store = open_store(path)
+        mapping = read_token_mapping(refs / f"{store.attrs['species']}.csv")
+        problems = verify_store(compiled / H5 / f"{stem}.h5ad", store, mapping, sample=len(store))
+        assert problems == [], (stem, problems[:3])
+
+
+def test_store_attributes_and_dtypes(compiled):
+    s = open_store(_stores(compiled)["hs_raw_b"])
+    assert s.attrs["x_source"] == "raw"  # counts come from raw/X, not the normalized X
+    assert s.attrs["value_dtype"].startswith("uint")  # integer counts stored compactly
+    assert s.attrs["format"] == "concept-token-store" and s.attrs["format_version"] == 1
+    assert s.indptr.dtype == np.int64 and s.indptr[-1] == s.attrs["nnz"]
+    tokens, values = s.cell(0)
+    assert tokens.dtype == np.uint16
+    assert np.all(np.diff(values.astype(np.int64)) <= 0)  # value descending
+    ties = np.flatnonzero(np.diff(values.astype(np.int64)) == 0)
+    assert np.all(tokens[ties] < tokens[ties + 1])  # ties by token ascending
+    assert np.all(np.diff(s.var_tokens.astype(np.int64)) > 0)
+
+
+def test_shuffle_is_a_permutation_and_rows_undo_it(compiled):
+    s = open_store(_stores(compiled)["hs_csr_a"])
+    rows = s.rows
+    assert sorted(rows.tolist()) == list(range(len(s)))
+    assert not np.array_equal(rows, np.arange(len(s)))  # actually shuffled
+    with h5py.File(compiled / H5 / "hs_csr_a.h5ad") as f:
+        indptr = f["X/indptr"][:]
+    # n_genes of stored cell i is the nonzero count of its source row
+    assert np.array_equal(s.n_genes, np.diff(indptr)[rows])
+
+
+def test_obs_codes_decode_to_labels(compiled):
+    import anndata as ad
+
+    s = open_store(_stores(compiled)["hs_raw_b"])
+    codes, cats = s.obs("cell_type")
+    labels = ad.read_h5ad(compiled / H5 / "hs_raw_b.h5ad", backed="r").obs["cell_type"]
+    want = labels.to_numpy()[s.rows]
+    missing = codes == -1
+    assert missing.any()  # the generator leaves some labels missing in this file
+    assert all(w != w for w in want[missing])
+    assert [cats[c] for c in codes[~missing]] == list(want[~missing])
+    # a column the file lacks: warned, all codes -1
+    dcodes, dcats = open_store(_stores(compiled)["hs_dense_d"]).obs("tissue")
+    assert np.all(dcodes == -1) and dcats == []
+
+
+def test_incremental_skip_and_force(project_copy):
+    cfg = config(project_copy, "compile.workers=1")
+    assert cli.run(cfg) == 0
+    before = {k: (p / "zarr.json").stat().st_mtime_ns for k, p in _stores(project_copy).items()}
+    assert cli.run(cfg) == 0
+    report = json.loads((project_copy / "compiled/compile_report.json").read_text())
+    assert {f["status"] for f in report["files"]} == {"skipped"}
+    after = {k: (p / "zarr.json").stat().st_mtime_ns for k, p in _stores(project_copy).items()}
+    assert before == after
+    # a changed source is rebuilt, the others are not
+    src = project_copy / H5 / "hs_csr_e.h5ad"
+    os.utime(src, ns=(time.time_ns(), time.time_ns()))
+    assert cli.run(cfg) == 0
+    report = json.loads((project_copy / "compiled/compile_report.json").read_text())
+    status = {Path(f["file"]).name: f["status"] for f in report["files"]}
+    assert status["hs_csr_e.h5ad"] == "compiled" and status["hs_csr_a.h5ad"] == "skipped"
+    # a setting that changes bytes rebuilds everything; force rebuilds too
+    assert cli.run(config(project_copy, "compile.workers=1", "compile.shuffle_seed=1")) == 0
+    assert (
+        cli.run(
+            config(
+                project_copy, "compile.workers=1", "compile.shuffle_seed=1", "compile.force=true"
+            )
+        )
+        == 0
+    )
+    report = json.loads((project_copy / "compiled/compile_report.json").read_text())
+    assert {f["status"] for f in report["files"]} == {"compiled"}
+
+
+def test_parallel_equals_serial(project_copy, tmp_path):
+    """Two worker processes give the same bytes as one."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(project_copy, other)
+    assert cli.run(config(project_copy, "compile.workers=1")) == 0
+    assert cli.run(config(other, "compile.workers=2")) == 0
+    for stem, path in _stores(project_copy).items():
+        a, b = _arrays(path), _arrays(_stores(other)[stem])
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a), stem
+
+
+def test_num_shards_partitions_files(synth_project):
+    cfg = config(synth_project)
+    all_files = {j.source for j in make_jobs(cfg)}
+    parts = [
+        {
+            j.source
+            for j in make_jobs(
+                config(synth_project, "compile.num_shards=3", f"compile.shard_index={i}")
+            )
+        }
+        for i in range(3)
+    ]
+    assert set().union(*parts) == all_files and sum(map(len, parts)) == len(all_files)
+
+
+def _compile_cmd(project: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "preprocess.compile",
+        f"PATH.PROJECT_PATH={project}",
+        "compile.register=false",
+        *extra,
+    ]
+
+
+def test_kill_and_rerun_equals_clean_run(project_copy, tmp_path):
+    """SIGKILL in the middle of a build, rerun: the stores equal an uninterrupted compile."""
+    import shutil
+
+    clean = tmp_path / "clean"
+    shutil.copytree(project_copy, clean)
+    assert cli.run(config(clean, "compile.workers=1")) == 0
+    out_dir = project_copy / "compiled" / "synth_cxg"
+    # tiny read blocks make the build slow enough to be caught mid-way
+    proc = subprocess.Popen(
+        _compile_cmd(project_copy, "compile.workers=1", "compile.rows_per_read=2"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out_dir.glob(".hs_raw_b.zarr.tmp-*")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out_dir / "hs_raw_b.zarr").exists()  # never a half store under the final name
+    assert list(out_dir.glob(".hs_raw_b.zarr.tmp-*"))  # killed mid-build
+    assert cli.run(config(project_copy, "compile.workers=1")) == 0
+    assert not list(out_dir.glob(".*.tmp-*"))  # leftovers cleaned
+    for stem, path in _stores(clean).items():
+        a, b = _arrays(path), _arrays(_stores(project_copy)[stem])
+        assert all(np.array_equal(a[k], b[k]) for k in a), stem
+
+
+def test_concurrent_compiles_do_not_collide(project_copy):
+    procs = [
+        subprocess.Popen(_compile_cmd(project_copy, "compile.workers=1"), cwd=REPO)
+        for _ in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    refs = project_copy / "references/vocabulary/token_mappings_per_specie"
+    mapping = read_token_mapping(refs / "hsapiens.csv")
+    for stem, path in _stores(project_copy).items():
+        assert verify_store(project_copy / H5 / f"{stem}.h5ad", open_store(path), mapping) == []
+
+
+def test_tokenize_orders_float_values_and_ties():
+    """Non-integer values use the distinct-value rank; ties go by token."""
+    indptr = np.array([0, 4, 6])
+    indices = np.array([0, 1, 2, 3, 1, 2])
+    data = np.array([0.5, 2.25, 0.5, 1.0, 3.0, 3.0])
+    col_tokens = np.array([9, 4, 7, -1])
+    blk = tokenize_csr(indptr, indices, data, col_tokens)
+    assert blk.indptr.tolist() == [0, 3, 5]
+    assert blk.tokens.tolist() == [4, 7, 9, 4, 7]
+    assert blk.values.tolist() == [2.25, 0.5, 0.5, 3.0, 3.0]
+    assert blk.total_counts.tolist() == [4.25, 6.0]  # before vocabulary masking
+    assert blk.n_genes.tolist() == [4, 2]
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def _run_and_report(project: Path, *overrides: str) -> tuple[int, dict]:
+    code = cli.run(config(project, "compile.workers=1", *overrides))
+    report = json.loads((project / "compiled/compile_report.json").read_text())
+    return code, {Path(f["file"]).name: f for f in report["files"]}
+
+
+def _rewrite_x(path: Path, fn) -> None:
+    import anndata as ad
+
+    adata = ad.read_h5ad(path)
+    fn(adata)
+    adata.write_h5ad(path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "file not found"),
+        ("truncated", "unreadable or truncated"),
+        ("negative", "negative expression values"),
+        ("nan", "NaN or infinite"),
+        ("inf", "NaN or infinite"),
+        ("no_overlap", "no gene overlaps"),
+    ],
+)
+def test_bad_h5ad_fails_alone(project_copy, damage, message):
+    bad = project_copy / H5 / "hs_csr_e.h5ad"
+    if damage == "missing":
+        bad.unlink()
+    elif damage == "truncated":
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) // 3])
+    elif damage in ("negative", "nan", "inf"):
+        value = {"negative": -1, "nan": np.nan, "inf": np.inf}[damage]
+
+        def poison(adata):
+            adata.X = adata.X.astype(np.float32)
+            adata.X.data[5] = value
+
+        _rewrite_x(bad, poison)
+    else:
+
+        def rename(adata):
+            adata.var_names = [f"ENSXXX{i:011d}" for i in range(adata.n_vars)]
+
+        _rewrite_x(bad, rename)
+    code, files = _run_and_report(project_copy)
+    assert code == 1
+    assert files["hs_csr_e.h5ad"]["status"] == "failed"
+    assert (
+        message in files["hs_csr_e.h5ad"]["error"] and str(bad) in files["hs_csr_e.h5ad"]["error"]
+    )
+    others = [f for name, f in files.items() if name != "hs_csr_e.h5ad"]
+    assert {f["status"] for f in others} == {"compiled"}
+    assert not store_path(project_copy / "compiled", "synth_cxg", "hs_csr_e").exists()
+
+
+def test_failed_rebuild_keeps_the_old_store(project_copy):
+    assert cli.run(config(project_copy, "compile.workers=1")) == 0
+    before = _arrays(_stores(project_copy)["hs_csr_e"])
+
+    def poison(adata):
+        adata.X = adata.X.astype(np.float32)
+        adata.X.data[0] = -5
+
+    _rewrite_x(project_copy / H5 / "hs_csr_e.h5ad", poison)
+    code, files = _run_and_report(project_copy)
+    assert code == 1 and files["hs_csr_e.h5ad"]["status"] == "failed"
+    after = _arrays(_stores(project_copy)["hs_csr_e"])  # still the earlier, complete store
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("gene_id,gene_name\n<cls>,\n<pad>,\n", "lacks column"),
+        (
+            "gene_id,gene_name,token\n<cls>,,0\n<pad>,,1\nENSG1,A,2\nENSG1,B,3\n",
+            "duplicate gene_id",
+        ),
+        ("gene_id,gene_name,token\n<cls>,,0\n<pad>,,1\nENSG1,A,5\n", "contiguous"),
+        ("gene_id,gene_name,token\n<pad>,,0\n<cls>,,1\nENSG1,A,2\n", "<cls> must have token 0"),
+    ],
+)
+def test_bad_token_mapping_fails_its_species(project_copy, content, message):
+    mapping = project_copy / "references/vocabulary/token_mappings_per_specie/mmusculus.csv"
+    mapping.write_text(content)
+    code, files = _run_and_report(project_copy, "datamodule=DataModuleSynthMultiSpecies")
+    assert code == 1
+    for name, f in files.items():
+        if name.startswith("mm_"):
+            assert f["status"] == "failed" and message in f["error"] and str(mapping) in f["error"]
+        else:
+            assert f["status"] == "compiled"
+
+
+def test_bad_panel_csv(project_copy):
+    panel = sorted((project_copy / "panels/hsapiens").glob("*.csv"))[0]
+    panel.write_text("gene,name\nENSG1,A\n")
+    code, files = _run_and_report(project_copy)
+    assert code == 1
+    assert all(
+        "no 'Ensembl_ID' column" in f["error"] and str(panel) in f["error"] for f in files.values()
+    )
+
+
+def test_duplicate_ids_after_mapping_keep_first(project_copy):
+    """Two columns naming one gene (version suffixes): the first column is kept, counted."""
+    path = project_copy / H5 / "hs_csr_e.h5ad"
+
+    def duplicate(adata):
+        names = list(adata.var_names)
+        names[1] = names[0].split(".")[0] + ".99"
+        adata.var_names = names
+
+    _rewrite_x(path, duplicate)
+    code, files = _run_and_report(project_copy)
+    assert code == 0 and files["hs_csr_e.h5ad"]["duplicate_genes"] == 1
+    refs = project_copy / "references/vocabulary/token_mappings_per_specie"
+    store = open_store(_stores(project_copy)["hs_csr_e"])
+    problems = verify_store(
+        path, store, read_token_mapping(refs / "hsapiens.csv"), sample=len(store)
+    )
+    assert problems == []
+
+
+def test_cells_without_mapped_genes_are_kept(project_copy):
+    path = project_copy / H5 / "hs_csr_e.h5ad"
+    mapping = read_token_mapping(
+        project_copy / "references/vocabulary/token_mappings_per_specie/hsapiens.csv"
+    )
+
+    def empty_first_cells(adata):
+        x = adata.X.tolil()
+        x[:3, :] = 0
+        unmapped = np.flatnonzero(mapping.tokens_of(list(adata.var_names)) < 0)
+        x[:3, unmapped[:2]] = 7  # genes outside the vocabulary only
+        adata.X = x.tocsr()
+
+    _rewrite_x(path, empty_first_cells)
+    code, files = _run_and_report(project_copy)
+    assert code == 0 and files["hs_csr_e.h5ad"]["n_cells_unmapped"] == 3
+    store = open_store(_stores(project_copy)["hs_csr_e"])
+    empty = np.flatnonzero(np.diff(store.indptr) == 0)
+    assert sorted(store.rows[empty].tolist()) == [0, 1, 2]
+    assert np.all(store.total_counts[empty] == 14)  # counted before vocabulary masking
+
+
+def test_open_store_rejects_non_stores(tmp_path):
+    with pytest.raises(StoreError, match="not a token store"):
+        open_store(tmp_path)
+    (tmp_path / "zarr.json").write_text(
+        json.dumps({"attributes": {"format": "concept-token-store", "format_version": 99}})
+    )
+    with pytest.raises(StoreError, match="format_version 99"):
+        open_store(tmp_path)
