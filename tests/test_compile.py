@@ -398,3 +398,16 @@ def test_open_store_rejects_non_stores(tmp_path):
     )
     with pytest.raises(StoreError, match="format_version 99"):
         open_store(tmp_path)
+
+
+def test_compile_registers_stores_in_lamindb(project_copy):
+    """compile.register=true: every store an artifact, re-running adds nothing."""
+    from preprocess.registry import lookup_stores
+
+    cfg = config(project_copy, "compile.workers=1", "compile.register=true")
+    assert cli.run(cfg) == 0
+    keys = [f"compiled/synth_cxg/{stem}.zarr" for stem in _stores(project_copy)]
+    found = lookup_stores(cfg.PATH.LAMIN_ROOT, cfg.PATH.COMPILED_ROOT, keys)
+    assert found == {k: str(project_copy / "compiled" / k.removeprefix("compiled/")) for k in keys}
+    assert cli.run(cfg) == 0  # idempotent: nothing new
+    assert lookup_stores(cfg.PATH.LAMIN_ROOT, cfg.PATH.COMPILED_ROOT, keys) == found

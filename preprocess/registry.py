@@ -1,0 +1,456 @@
+"""Register compiled Zarr stores in a local, offline LaminDB instance.
+
+Each compiled store ``<storage_root>/<source_name>/<stem>.zarr`` becomes one LaminDB artifact
+(key ``compiled/<source_name>/<stem>.zarr``) annotated with a fixed set of features, and each
+split becomes a LaminDB collection of the current artifacts.
+
+The instance is local and offline: SQLite, storage root = the compiled root, settings and cache
+under ``lamin_root``. All lamindb work runs in a child process (``python -m preprocess.registry
+<request.json>``) because lamindb is slow to import and keeps global, per-process instance state;
+the parent only validates inputs, spawns the child and reads its JSON result.
+
+Content identity
+----------------
+lamindb hashes a directory artifact by reading every file (md5 of each file up to 50 MB), which
+costs a full read of stores that can be many GB. The compiler already knows a fingerprint of each
+store's content version (source fingerprint + compile settings), so the child passes a
+pseudo-hash derived from (key, relative path, fingerprint) as the artifact's precomputed stats and
+lamindb never reads the store. The fingerprint is also kept in the artifact description.
+
+Idempotency
+-----------
+For each store the child looks up all versions of the key:
+
+* the latest version carries the expected pseudo-hash -> unchanged (features are refreshed in
+  place when they differ, e.g. a store moved to another split);
+* an older version carries it (the store went back to an earlier fingerprint) -> that version is
+  made the latest again, because lamindb forbids two artifacts with the same key and hash;
+* otherwise -> a new artifact version revising the latest one (or a new artifact).
+
+Collections follow the same rule on their set of member artifacts, so re-running never duplicates
+records and a collection always points at the current version of each store.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import numbers
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INSTANCE_NAME = "concept-compiled"
+FEATURE_DTYPES: dict[str, type] = {
+    "species": str,
+    "split": str,
+    "source_name": str,
+    "n_cells": int,
+    "nnz": int,
+    "format_version": int,
+    "vocab_sha256": str,
+}
+# Marks artifact hashes as fingerprint-derived pseudo-hashes rather than lamindb's "md5-d".
+HASH_TYPE = "concept-store-fingerprint"
+_DESCRIPTION_PREFIX = "compiled Zarr store; fingerprint="
+_STDERR_TAIL_LINES = 40
+# The child is started as ``-m preprocess.registry``, which needs the project root importable
+# whatever the caller's working directory is.
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class StoreRecord:
+    """One compiled store to register.
+
+    Attributes
+    ----------
+    path
+        Absolute path of the ``.zarr`` directory; must lie inside the storage root.
+    key
+        Artifact key, ``"compiled/<source_name>/<stem>.zarr"``.
+    features
+        Exactly the features of ``FEATURE_DTYPES`` (species, split, source_name, n_cells, nnz,
+        format_version, vocab_sha256).
+    fingerprint
+        Identifies the store's content version; a new value makes a new artifact version.
+    """
+
+    path: str
+    key: str
+    features: dict
+    fingerprint: str
+
+
+def register_stores(
+    lamin_root: str | Path,
+    storage_root: str | Path,
+    stores: list[StoreRecord],
+    collections: dict[str, list[str]],
+    timeout_s: float = 1800.0,
+) -> dict:
+    """Register stores as artifacts and splits as collections; idempotent.
+
+    The instance is created on first use and connected to afterwards. Inputs are validated
+    before lamindb is started, so a bad path never reaches it.
+
+    Parameters
+    ----------
+    lamin_root
+        Directory for the instance's settings and cache (e.g. ``<project>/.lamin``).
+    storage_root
+        The instance's storage root: the compiled root that contains every store.
+    stores
+        Stores to register; keys must be unique.
+    collections
+        Collection key (e.g. ``"compiled/train"``) -> artifact keys. Keys may refer to stores
+        registered by an earlier call.
+    timeout_s
+        Limit for the child process in seconds.
+
+    Returns
+    -------
+    dict
+        ``artifacts_created``, ``artifacts_unchanged``, ``artifacts_updated`` (new version,
+        reinstated earlier version or refreshed features), ``collections`` (number ensured), and
+        ``collections_created``, ``collections_unchanged``, ``collections_updated``.
+
+    Raises
+    ------
+    ValueError
+        Invalid stores or collections (checked before lamindb runs).
+    RuntimeError
+        The lamindb child process failed or timed out; the message holds its stderr tail.
+    """
+    root = _resolve_storage_root(storage_root)
+    keys = [store.key for store in stores]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate store keys: {duplicates}")
+    request = {
+        "op": "register",
+        "stores": [_validate_store(store, root) for store in stores],
+        "collections": _validate_collections(collections),
+    }
+    return _run_child(lamin_root, root, request, timeout_s)
+
+
+def lookup_stores(
+    lamin_root: str | Path,
+    storage_root: str | Path,
+    keys: list[str],
+    timeout_s: float = 600.0,
+) -> dict[str, str | None]:
+    """Map artifact keys to the local paths of their current versions.
+
+    Parameters
+    ----------
+    lamin_root
+        Directory for the instance's settings and cache.
+    storage_root
+        The instance's storage root.
+    keys
+        Artifact keys, e.g. ``"compiled/<source_name>/<stem>.zarr"``.
+    timeout_s
+        Limit for the child process in seconds.
+
+    Returns
+    -------
+    dict
+        Key -> absolute store path, or ``None`` when the key is not registered. Like
+        `register_stores`, creates the (empty) instance when it does not exist yet.
+
+    Raises
+    ------
+    RuntimeError
+        The lamindb child process failed or timed out.
+    """
+    root = _resolve_storage_root(storage_root)
+    request = {"op": "lookup", "keys": [str(key) for key in keys]}
+    return _run_child(lamin_root, root, request, timeout_s)
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def _resolve_storage_root(storage_root: str | Path) -> Path:
+    root = Path(storage_root).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"storage root {root} is not an existing directory")
+    return root
+
+
+def _validate_store(store: StoreRecord, root: Path) -> dict:
+    path = Path(store.path).expanduser().resolve()
+    # lamindb registers a path outside its storage root by copying it or by asking the hub
+    # about the foreign location, and the hub is unreachable offline.
+    if path == root or not path.is_relative_to(root):
+        raise ValueError(f"store {path} (key {store.key!r}) is not inside storage root {root}")
+    relpath = path.relative_to(root).as_posix()
+    if relpath.split("/")[0] == ".lamindb":
+        raise ValueError(f"store {path} lies in lamindb's managed folder {root / '.lamindb'}")
+    if not (path / "zarr.json").is_file():
+        raise ValueError(f"store {path} is not a Zarr v3 directory store (no zarr.json)")
+    if not isinstance(store.key, str) or not store.key or store.key.startswith("/"):
+        raise ValueError(f"store {path}: key must be a non-empty relative path, got {store.key!r}")
+    if ".lamindb/" in store.key:
+        raise ValueError(f"store {path}: key {store.key!r} must not contain '.lamindb/'")
+    if not isinstance(store.fingerprint, str) or not store.fingerprint:
+        raise ValueError(f"store {path}: fingerprint must be a non-empty string")
+    return {
+        "path": str(path),
+        "relpath": relpath,
+        "key": store.key,
+        "features": _normalize_features(store.features, store.key),
+        "fingerprint": store.fingerprint,
+    }
+
+
+def _normalize_features(features: dict, key: str) -> dict:
+    if not isinstance(features, dict) or set(features) != set(FEATURE_DTYPES):
+        got = sorted(features) if isinstance(features, dict) else type(features).__name__
+        raise ValueError(
+            f"store {key!r}: features must be exactly {sorted(FEATURE_DTYPES)}, got {got}"
+        )
+    normalized: dict[str, Any] = {}
+    for name, dtype in FEATURE_DTYPES.items():
+        value = features[name]
+        if dtype is int:
+            # numpy integers come straight from the compiler; bool is an int subclass but a bug.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"store {key!r}: feature {name!r} must be an int, got {value!r}")
+            normalized[name] = int(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"store {key!r}: feature {name!r} must be a str, got {value!r}")
+            normalized[name] = value
+    return normalized
+
+
+def _validate_collections(collections: dict[str, list[str]]) -> dict[str, list[str]]:
+    validated: dict[str, list[str]] = {}
+    for key, artifact_keys in collections.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"collection key must be a non-empty string, got {key!r}")
+        members = list(artifact_keys)
+        if not members:
+            raise ValueError(f"collection {key!r} has no artifacts")
+        if len(set(members)) != len(members):
+            raise ValueError(f"collection {key!r} lists an artifact key twice")
+        validated[key] = [str(member) for member in members]
+    return validated
+
+
+def _run_child(lamin_root: str | Path, storage_root: Path, request: dict, timeout_s: float):
+    lamin_dir = Path(lamin_root).expanduser().resolve()
+    lamin_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(_PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    with tempfile.TemporaryDirectory(prefix="lamin-registry-") as tmp:
+        request_path = Path(tmp) / "request.json"
+        result_path = Path(tmp) / "result.json"
+        request = {
+            **request,
+            "lamin_root": str(lamin_dir),
+            "storage_root": str(storage_root),
+            "result_path": str(result_path),
+        }
+        request_path.write_text(json.dumps(request))
+        cmd = [sys.executable, "-m", "preprocess.registry", str(request_path)]
+        try:
+            # cwd = lamin_root: lamindb_setup.init() writes a "dev dir" marker
+            # (<cwd>/.lamin/current_instance) and refuses $HOME as cwd.
+            proc = subprocess.run(
+                cmd, cwd=lamin_dir, env=env, capture_output=True, text=True, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError(
+                f"lamindb registry child timed out after {timeout_s} s ({request['op']});\n"
+                f"stderr tail:\n{_tail(err.stderr)}"
+            ) from err
+        if proc.returncode != 0 or not result_path.is_file():
+            raise RuntimeError(
+                f"lamindb registry child failed ({request['op']}, exit code {proc.returncode});\n"
+                f"stderr tail:\n{_tail(proc.stderr)}"
+            )
+        return json.loads(result_path.read_text())
+
+
+def _tail(text: str | bytes | None) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").splitlines()[-_STDERR_TAIL_LINES:])
+
+
+# --------------------------------------------------------------------------- child side
+
+
+def _connect(lamin_root: Path, storage_root: Path):
+    """Create or connect the instance and return the imported ``lamindb`` module."""
+    # Must precede the first lamindb_setup import: the settings location is read at import.
+    os.environ["LAMIN_SETTINGS_DIR"] = str(lamin_root / "settings")
+    os.environ["LAMIN_CACHE_DIR"] = str(lamin_root / "cache")
+    import lamindb_setup
+
+    # init() creates the instance, or connects when its settings file exists; lamindb must only
+    # be imported afterwards, otherwise it auto-connects to nothing.
+    lamindb_setup.init(storage=str(storage_root), name=INSTANCE_NAME)
+    import lamindb as ln
+
+    ln.settings.verbosity = "error"
+    actual = Path(str(ln.setup.settings.storage.root)).resolve()
+    if actual != storage_root:
+        raise RuntimeError(
+            f"instance {INSTANCE_NAME!r} under {lamin_root} has storage root {actual}, "
+            f"not {storage_root}; use another lamin_root or the original storage root"
+        )
+    return ln
+
+
+def _pseudo_hash(key: str, relpath: str, fingerprint: str) -> str:
+    from lamindb_setup.core.hashing import HASH_LENGTH
+
+    # The key is part of the hash so two stores with equal fingerprints still get distinct
+    # hashes: lamindb refuses collections whose artifacts share a hash.
+    digest = hashlib.sha256(f"{key}\n{relpath}\n{fingerprint}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:HASH_LENGTH]
+
+
+def _dir_stats(path: Path) -> tuple[int, int]:
+    size = n_files = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            size += os.stat(os.path.join(dirpath, name)).st_size
+            n_files += 1
+    return size, n_files
+
+
+def _ensure_features(ln) -> None:
+    for name, dtype in FEATURE_DTYPES.items():
+        feature = ln.Feature.filter(name=name).one_or_none()
+        if feature is None:
+            ln.Feature(name=name, dtype=dtype).save()
+        elif feature.dtype_as_str != dtype.__name__:
+            raise RuntimeError(
+                f"feature {name!r} exists with dtype {feature.dtype_as_str!r}, "
+                f"expected {dtype.__name__!r}"
+            )
+
+
+def _make_latest(model, record, current) -> None:
+    # lamindb flips is_latest with queryset updates as well; save() would re-run versioning.
+    if current is not None:
+        model.objects.filter(pk=current.pk).update(is_latest=False)
+    model.objects.filter(pk=record.pk).update(is_latest=True)
+    record.refresh_from_db()
+
+
+def _register_artifact(ln, store: dict, storage_record) -> str:
+    key, features = store["key"], store["features"]
+    expected_hash = _pseudo_hash(key, store["relpath"], store["fingerprint"])
+    versions = list(ln.Artifact.filter(key=key, storage=storage_record).order_by("-created_at"))
+    latest = next((artifact for artifact in versions if artifact.is_latest), None)
+    same = next((artifact for artifact in versions if artifact.hash == expected_hash), None)
+    if same is not None:
+        status = "unchanged"
+        if not same.is_latest:
+            _make_latest(ln.Artifact, same, latest)
+            status = "updated"
+        if same.features.get_values(external_only=True) != features:
+            same.features.set_values(features)
+            status = "updated"
+        return status
+    size, n_files = _dir_stats(Path(store["path"]))
+    artifact = ln.Artifact(
+        store["path"],
+        key=key,
+        description=_DESCRIPTION_PREFIX + store["fingerprint"],
+        features=features,
+        revises=latest,
+        # Precomputed stats stop lamindb from hashing every byte of the store.
+        _stats={"size": size, "n_files": n_files, "hash": expected_hash, "hash_type": HASH_TYPE},
+    )
+    artifact.save()
+    return "created" if latest is None else "updated"
+
+
+def _register_collection(ln, key: str, artifact_keys: list[str]) -> str:
+    artifacts = list(ln.Artifact.filter(key__in=artifact_keys, is_latest=True))
+    missing = sorted(set(artifact_keys) - {artifact.key for artifact in artifacts})
+    if missing:
+        raise ValueError(f"collection {key!r} refers to unregistered artifact keys: {missing}")
+    wanted = {artifact.id for artifact in artifacts}
+    versions = list(ln.Collection.filter(key=key).order_by("-created_at"))
+    latest = next((collection for collection in versions if collection.is_latest), None)
+    for collection in versions:
+        if set(collection.artifacts.values_list("id", flat=True)) == wanted:
+            if collection.is_latest:
+                return "unchanged"
+            # An earlier membership came back; a new version would violate the unique
+            # (key, hash) constraint, so reinstate the earlier one.
+            _make_latest(ln.Collection, collection, latest)
+            return "updated"
+    # Cross-key hash lookup would hand back another split's collection with equal members.
+    ln.Collection(artifacts, key=key, revises=latest, skip_hash_lookup=True).save()
+    return "created" if latest is None else "updated"
+
+
+def _register(ln, request: dict) -> dict:
+    from django.db import transaction
+
+    storage_record = ln.setup.settings.storage.record
+    summary = {f"artifacts_{s}": 0 for s in ("created", "unchanged", "updated")}
+    summary.update({f"collections_{s}": 0 for s in ("created", "unchanged", "updated")})
+    # One transaction: a failure leaves the registry as it was rather than half-updated.
+    with transaction.atomic():
+        _ensure_features(ln)
+        for store in request["stores"]:
+            summary["artifacts_" + _register_artifact(ln, store, storage_record)] += 1
+        for key, artifact_keys in request["collections"].items():
+            summary["collections_" + _register_collection(ln, key, artifact_keys)] += 1
+    summary["collections"] = len(request["collections"])
+    return summary
+
+
+def _lookup(ln, request: dict) -> dict[str, str | None]:
+    found = {
+        artifact.key: str(artifact.path)
+        for artifact in ln.Artifact.filter(key__in=request["keys"], is_latest=True)
+    }
+    return {key: found.get(key) for key in request["keys"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one registry request in this process (the child side).
+
+    Parameters
+    ----------
+    argv
+        ``[request_json_path]``; defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit code, 0 on success (errors propagate as exceptions).
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m preprocess.registry <request.json>", file=sys.stderr)
+        return 2
+    request = json.loads(Path(args[0]).read_text())
+    ln = _connect(Path(request["lamin_root"]), Path(request["storage_root"]))
+    handlers = {"register": _register, "lookup": _lookup}
+    result = handlers[request["op"]](ln, request)
+    Path(request["result_path"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
