@@ -1,0 +1,274 @@
+"""``TokenLoader``: packed batches from compiled stores, read ahead on a thread.
+
+The loader asks the :class:`~concept.data.sampler.BlockSampler` for this rank's reads,
+reads each contiguous range straight into the batch's buffers
+(:class:`~concept.data.reader.StoreReader`), and optionally plans the two panel views
+(:mod:`concept.data.views`) on the same background thread. ``num_workers=0`` (default)
+keeps everything in the main process: handing batches between processes costs more than
+reading them. With workers, a torch DataLoader runs one reader per worker, each taking
+every k-th batch, which keeps the batch order.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from concept import store as fmt
+from concept.data.batch import PackedBatch
+from concept.data.reader import StoreReader
+from concept.data.sampler import BlockSampler, Read
+
+_DONE = object()
+
+
+class _Categories:
+    """Per obs key: the union of the stores' categories, and each store's code remap."""
+
+    def __init__(self, paths: list[Path], keys: list[str]):
+        self.keys = keys
+        self.names: dict[str, list[str]] = {}
+        self.remap: dict[str, list[np.ndarray]] = {}
+        for key in keys:
+            per_store = []
+            for p in paths:
+                meta = p / fmt.OBS_GROUP / key / "zarr.json"
+                cats = (
+                    json.loads(meta.read_text())["attributes"]["categories"]
+                    if meta.exists()
+                    else None
+                )
+                per_store.append(cats)
+            names = sorted({c for cats in per_store if cats for c in cats})
+            lookup = {c: i for i, c in enumerate(names)}
+            self.names[key] = names
+            # index 0 of each table is code -1 (missing); a store without the key maps all to -1
+            self.remap[key] = [
+                np.array([-1] + [lookup[c] for c in (cats or [])], dtype=np.int32)
+                for cats in per_store
+            ]
+
+
+class TokenLoader:
+    """Packed batches over compiled token stores.
+
+    Parameters
+    ----------
+    store_paths
+        The stores (``.zarr`` directories).
+    batch_size
+        Global batch size; each rank yields ``batch_size // world_size`` cells per batch.
+    block_size
+        Contiguous cells read together (see :class:`BlockSampler`).
+    seed, rank, world_size, within_group, num_samples, num_groups, sample_groups_equally
+        Passed to :class:`BlockSampler`.
+    obs_keys
+        Obs columns to load as int32 codes (into :attr:`categories`).
+    reader
+        ``auto``, ``raw`` or ``tensorstore``.
+    prefetch
+        Batches read ahead.
+    num_workers
+        0: a background thread in this process; k > 0: k DataLoader worker processes.
+    pin_memory
+        Pin host buffers (default: when CUDA is available).
+    plan_views
+        Optional ``fn(batch) -> ViewPlan`` run on the reading thread.
+    """
+
+    def __init__(
+        self,
+        store_paths: list[str | Path],
+        batch_size: int = 128,
+        block_size: int = 32,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        within_group: bool = True,
+        num_samples: int | None = None,
+        num_groups: int | None = None,
+        sample_groups_equally: bool = False,
+        obs_keys: list[str] | tuple[str, ...] = (),
+        reader: str = "auto",
+        prefetch: int = 4,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        plan_views: Callable | None = None,
+    ):
+        self.paths = [Path(p) for p in store_paths]
+        if not self.paths:
+            raise ValueError("TokenLoader needs at least one store")
+        self.readers = [StoreReader(p, reader) for p in self.paths]
+        self.species = [r.attrs["species"] for r in self.readers]
+        if not within_group and len(set(self.species)) > 1:
+            raise ValueError(
+                "within_group=False mixes stores in a batch: all must share one species"
+            )
+        self.sampler = BlockSampler(
+            [r.n_cells for r in self.readers],
+            batch_size,
+            block_size,
+            seed,
+            rank,
+            world_size,
+            within_group,
+            num_samples,
+            num_groups,
+            sample_groups_equally,
+        )
+        self.obs_keys = list(obs_keys)
+        self.categories = _Categories(self.paths, self.obs_keys)
+        self.prefetch, self.num_workers = prefetch, num_workers
+        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.plan_views = plan_views
+        self._var_cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """Position after the last batch handed out (not the read-ahead)."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    # --- reading --------------------------------------------------------------------
+
+    def var_tokens(self, store: int) -> np.ndarray:
+        if store not in self._var_cache:
+            r = self.readers[store]
+            n = json.loads((r.path / fmt.VAR_TOKENS / "zarr.json").read_text())["shape"][0]
+            self._var_cache[store] = r.read(fmt.VAR_TOKENS, 0, n)
+        return self._var_cache[store]
+
+    def read_batch(self, reads: list[Read], epoch: int = 0, index: int = 0) -> PackedBatch:
+        """Read one rank's share of a global batch into a packed batch."""
+        spans = []  # per read: (reader, local indptr, first entry, last entry)
+        for r in reads:
+            rd = self.readers[r.store]
+            ip = rd.read(fmt.INDPTR, r.start, r.stop + 1)
+            spans.append((rd, ip))
+        n_cells = sum(r.stop - r.start for r in reads)
+        nnz = sum(int(ip[-1] - ip[0]) for _, ip in spans)
+        first = self.readers[reads[0].store]
+        tokens = np.empty(nnz, first.dtype(fmt.TOKENS))
+        values = np.empty(nnz, first.dtype(fmt.VALUES))
+        cu = np.empty(n_cells + 1, np.int32)
+        cu[0] = 0
+        total = np.empty(n_cells, np.float32)
+        rows = np.empty(n_cells, np.int64)
+        store_index = np.empty(n_cells, np.int32)
+        obs = {k: np.empty(n_cells, np.int32) for k in self.obs_keys}
+        e = c = 0
+        for r, (rd, ip) in zip(reads, spans, strict=True):
+            m, k = r.stop - r.start, int(ip[-1] - ip[0])
+            if rd.dtype(fmt.VALUES) != values.dtype:  # mixed stores: widen to a common dtype
+                values = values.astype(np.promote_types(values.dtype, rd.dtype(fmt.VALUES)))
+            rd.read(fmt.TOKENS, int(ip[0]), int(ip[-1]), tokens[e : e + k])
+            rd.read(fmt.VALUES, int(ip[0]), int(ip[-1]), values[e : e + k])
+            cu[c + 1 : c + m + 1] = ip[1:] - ip[0] + e
+            rd.read(fmt.TOTAL_COUNTS, r.start, r.stop, total[c : c + m])
+            rd.read(fmt.ROW, r.start, r.stop, rows[c : c + m])
+            store_index[c : c + m] = r.store
+            for key in self.obs_keys:
+                remap = self.categories.remap[key][r.store]
+                if len(remap) > 1:
+                    rd.read(f"{fmt.OBS_GROUP}/{key}", r.start, r.stop, obs[key][c : c + m])
+                    obs[key][c : c + m] = remap[obs[key][c : c + m] + 1]
+                else:
+                    obs[key][c : c + m] = -1
+            e, c = e + k, c + m
+        stores = sorted({r.store for r in reads})
+        var = (
+            self.var_tokens(stores[0])
+            if len(stores) == 1
+            else np.unique(np.concatenate([self.var_tokens(s) for s in stores]))
+        )
+        batch = PackedBatch(
+            tokens=torch.from_numpy(tokens),
+            values=torch.from_numpy(values),
+            cu_seqlens=torch.from_numpy(cu),
+            total_counts=torch.from_numpy(total),
+            rows=torch.from_numpy(rows),
+            store_index=torch.from_numpy(store_index),
+            obs={k: torch.from_numpy(v) for k, v in obs.items()},
+            var_tokens=torch.from_numpy(var),
+            species=self.species[reads[0].store],
+            epoch=epoch,
+            index=index,
+        )
+        if self.plan_views is not None:
+            batch.views = self.plan_views(batch)
+        return batch.pin_memory() if self.pin else batch
+
+    def _produce(self, out: queue.Queue, stop: threading.Event, schedule) -> None:
+        epoch, start, batches = schedule
+        try:
+            for index in range(start, len(batches)):
+                if stop.is_set():
+                    return
+                reads = self.sampler.rank_slice(batches[index])
+                out.put(self.read_batch(reads, epoch, index))
+            out.put(_DONE)
+        except BaseException as e:  # hand the error to the consumer
+            out.put(e)
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        schedule = self.sampler.remaining()
+        if self.num_workers > 0:
+            yield from self._iter_workers(schedule)
+            return
+        out: queue.Queue = queue.Queue(maxsize=max(self.prefetch, 1))
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(out, stop, schedule), daemon=True)
+        thread.start()
+        try:
+            while (item := out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                self.sampler.position = item.index + 1  # consumed, not merely read ahead
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.01)
+
+    def _iter_workers(self, schedule) -> Iterator[PackedBatch]:
+        loader = torch.utils.data.DataLoader(
+            _WorkerBatches(self, schedule),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin,
+            prefetch_factor=max(self.prefetch // self.num_workers, 1),
+        )
+        for batch in loader:
+            self.sampler.position = batch.index + 1
+            yield batch
+
+
+class _WorkerBatches(torch.utils.data.IterableDataset):
+    """Worker w of k reads global batches w, w+k, ... (the DataLoader interleaves in order)."""
+
+    def __init__(self, loader: TokenLoader, schedule):
+        self.loader, self.schedule = loader, schedule
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, k = (info.id, info.num_workers) if info else (0, 1)
+        epoch, start, batches = self.schedule
+        for index in range(start + wid, len(batches), k):
+            reads = self.loader.sampler.rank_slice(batches[index])
+            yield self.loader.read_batch(reads, epoch, index)
