@@ -32,3 +32,19 @@ def project_copy(synth_project, tmp_path) -> Path:
 def config(project: Path, *overrides: str):
     """Typed config for a project, compiling without LaminDB unless asked."""
     return load_config([f"PATH.PROJECT_PATH={project}", "compile.register=false", *overrides])
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory, synth_project) -> Path:
+    """The synthetic project compiled once, both species (read-only)."""
+    from preprocess.compile import run
+
+    dst = tmp_path_factory.mktemp("compiled") / "project"
+    shutil.copytree(synth_project, dst)
+    assert run(config(dst, "datamodule=DataModuleSynthMultiSpecies", "compile.workers=1")) == 0
+    return dst
+
+
+def store_paths(project: Path, prefix: str = "") -> list[Path]:
+    """Compiled stores of a project (optionally only file stems starting with ``prefix``)."""
+    return sorted((project / "compiled" / "synth_cxg").glob(f"{prefix}*.zarr"))

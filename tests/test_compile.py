@@ -40,18 +40,6 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory, synth_project):
-    """The synthetic project compiled once (both species)."""
-    import shutil
-
-    dst = tmp_path_factory.mktemp("compiled") / "project"
-    shutil.copytree(synth_project, dst)
-    code = cli.run(config(dst, "datamodule=DataModuleSynthMultiSpecies", "compile.workers=1"))
-    assert code == 0
-    return dst
-
-
 def test_every_layout_round_trips(compiled):
     """Each stored cell equals an independent lexsort computation from the source file."""
     stores = _stores(compiled)

@@ -236,8 +236,10 @@ class TokenLoader:
             while (item := out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                self.sampler.position = item.index + 1  # consumed, not merely read ahead
                 yield item
+                # runs when the next batch is asked for: a trainer that fetches one batch
+                # ahead has then finished this one (the read-ahead never counts)
+                self.sampler.position = item.index + 1
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue
@@ -255,8 +257,8 @@ class TokenLoader:
             prefetch_factor=max(self.prefetch // self.num_workers, 1),
         )
         for batch in loader:
-            self.sampler.position = batch.index + 1
             yield batch
+            self.sampler.position = batch.index + 1
 
 
 class _WorkerBatches(torch.utils.data.IterableDataset):

@@ -1,0 +1,359 @@
+"""The two panel views of every cell (the scConcept augmentation), packed.
+
+Split in two so that no device-to-host sync is ever needed:
+
+* :func:`plan_views` runs on the host, on the loader's reading thread. It draws the two
+  gene sets of the batch (reference semantics: random / mixed / preselected panels,
+  log-uniform sizes, panel gene dropout, overlap or disjoint views, the targeted-assay
+  rule), decides per cell which genes each view keeps (``gene_sampling_strategy``,
+  ``feature_max_drop_rate``, ``max_tokens``, ``qc_threshold``, ``max_total_seq_length``),
+  and lays out the packed output: ``cu_seqlens`` and ``max_seqlen`` are therefore known
+  on the host before the batch reaches the device. All of it is vectorized numpy over
+  the batch's flat tokens; cells were stored in value-descending order, so the
+  "top-nonzero" selection of a view is a filtered prefix and needs no sort.
+* :func:`build_views` runs on the model's device: it normalizes values per cell
+  (``datamodule.normalization``) and gathers the planned entries into two packed views,
+  CLS first, in one indexing pass.
+
+Random draws come from ``numpy.random.default_rng((seed, epoch, batch index))``: every
+rank draws the same gene sets for the same global batch.
+
+One deliberate difference from the reference: a predesigned panel that shares no gene
+with the store would give an empty view 1 there; here view 1 falls back to a random
+gene set (and the plan reports it as ``"random"``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from concept.data.batch import PackedBatch
+from concept.vocab import CLS_TOKEN, TokenMapping, panel_files, read_panel
+
+TARGETED_ASSAY_GENES = 10_000  # files with fewer mapped genes never use predesigned panels
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Everything that decides a loader's views (resolved from the config)."""
+
+    max_tokens: int = 1000
+    panel_overlap: float = 0.0
+    panel_selection: str = "random"
+    panel_selection_mixed_prob: float = 0.25
+    panel_size_min: float = 0.02
+    panel_size_max: float = 60000
+    panel_max_drop_rate: float | None = None
+    feature_max_drop_rate: float | None = None
+    qc_threshold: float | None = None
+    max_total_seq_length: int | None = None
+    gene_sampling_strategy: str = "top-nonzero"
+    normalization: str = "raw"
+    train: bool = True  # qc_threshold and max_total_seq_length apply to training only
+    seed: int = 0
+
+
+@dataclass
+class Panels:
+    """Predesigned panels per species, as token arrays (sorted, vocabulary genes only)."""
+
+    names: dict[str, list[str]] = field(default_factory=dict)
+    tokens: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: str | Path, mappings: dict[str, TokenMapping], regex: str = ".*") -> Panels:
+        out = cls()
+        pattern = re.compile(regex)
+        for species, mapping in mappings.items():
+            files = [p for p in panel_files(root, species) if pattern.search(p.name)]
+            panels = [read_panel(p) for p in files]
+            out.names[species] = [p.name for p in panels]
+            toks = [mapping.tokens_of(p.gene_ids) for p in panels]
+            out.tokens[species] = [np.unique(t[t >= 0]) for t in toks]
+        return out
+
+
+@dataclass
+class ViewPlan:
+    """Where each position of the two packed views comes from.
+
+    The views are packed as 2B sequences, view 1 of every cell then view 2, each
+    ``[CLS, genes...]``. ``src[p]`` is the entry of the batch (or, past the batch's
+    entries, of ``extra_tokens``: zero-valued genes of the ``top``/``random`` strategies)
+    that fills position ``p``; -1 marks CLS.
+    """
+
+    src: torch.Tensor  # (T,) int64
+    extra_tokens: torch.Tensor  # (E,) int64
+    cu_seqlens: torch.Tensor  # (2B+1,) int32, CLS included
+    max_seqlen: int
+    items_mask: torch.Tensor  # (B,) bool: False = dropped by qc / token budget
+    gene_sets: tuple[np.ndarray, np.ndarray]  # token sets of view 1 and view 2
+    panel_names: tuple[str, str]
+
+    def to(self, device, non_blocking: bool = True) -> ViewPlan:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return replace(
+            self,
+            src=move(self.src),
+            extra_tokens=move(self.extra_tokens),
+            cu_seqlens=move(self.cu_seqlens),
+            items_mask=move(self.items_mask),
+        )
+
+    def pin_memory(self) -> ViewPlan:
+        return replace(
+            self,
+            src=self.src.pin_memory(),
+            extra_tokens=self.extra_tokens.pin_memory(),
+            cu_seqlens=self.cu_seqlens.pin_memory(),
+            items_mask=self.items_mask.pin_memory(),
+        )
+
+
+@dataclass
+class Views:
+    """Two packed views on the device: sequences 0..B-1 are view 1, B..2B-1 view 2."""
+
+    tokens: torch.Tensor  # (T,) int64, CLS first in every sequence
+    values: torch.Tensor  # (T,) float32, 0 at CLS
+    cu_seqlens: torch.Tensor  # (2B+1,) int32
+    max_seqlen: int
+    items_mask: torch.Tensor  # (B,) bool
+    n_cells: int
+
+
+# --- gene sets -----------------------------------------------------------------------
+
+
+def loguniform_int(rng: np.random.Generator, a: int, b: int) -> int:
+    """``int(2**U(log2 a, log2 b))`` clamped to ``[a, b]`` (the reference's panel sizes)."""
+    if b <= a:
+        return max(b, 0)
+    lo = max(a, 1)
+    return int(np.clip(int(2 ** rng.uniform(math.log2(lo), math.log2(b))), a, b))
+
+
+def _size(x: float, n: int) -> int:
+    """A fraction in (0, 1) of the store's genes (rounded up), else an absolute count."""
+    return math.ceil(x * n) if 0 < x < 1 else int(x)
+
+
+def draw_gene_sets(
+    var_tokens: np.ndarray, panels: list[np.ndarray], panel_names: list[str], spec: ViewSpec, rng
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The batch's two gene sets (sorted tokens) and view 1's panel name."""
+    n = len(var_tokens)
+    overlap = rng.random() <= float(spec.panel_overlap)
+    pmin, pmax = _size(spec.panel_size_min, n), _size(spec.panel_size_max, n)
+    random_case = (
+        spec.panel_selection == "random"
+        or (spec.panel_selection == "mixed" and rng.random() <= spec.panel_selection_mixed_prob)
+        or n < TARGETED_ASSAY_GENES
+        or not panels
+    )
+    g1, name = np.empty(0, var_tokens.dtype), "random"
+    if not random_case:
+        k = int(rng.integers(len(panels)))
+        panel = panels[k]
+        if spec.panel_max_drop_rate:
+            rate = rng.uniform(0, spec.panel_max_drop_rate)
+            panel = panel[rng.random(len(panel)) >= rate]
+        g1 = np.intersect1d(panel, var_tokens)
+        name = panel_names[k]
+    if len(g1) == 0:  # random case, or a panel that misses this store's genes
+        avail = n if overlap else max(n - pmin, 0)
+        k1 = loguniform_int(rng, min(pmin, avail), min(pmax, avail))
+        g1, name = np.sort(var_tokens[rng.permutation(n)[:k1]]), "random"
+    pool = var_tokens if overlap else np.setdiff1d(var_tokens, g1, assume_unique=True)
+    k2 = loguniform_int(rng, min(pmin, len(pool)), min(pmax, len(pool)))
+    g2 = np.sort(pool[rng.permutation(len(pool))[:k2]])
+    return g1, g2, name
+
+
+# --- per-cell selection ---------------------------------------------------------------
+
+
+def _select(
+    tokens: np.ndarray,
+    cu: np.ndarray,
+    cell: np.ndarray,
+    genes: np.ndarray,
+    vocab_size: int,
+    spec: ViewSpec,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One view: selected entries (in output order), their cells, extra zero genes and cells.
+
+    Returns ``(entries, entry_cells, zero_tokens, zero_cells)``; each cell's sequence is its
+    selected entries (value descending, as stored) followed by its zero genes (token
+    ascending), which only the ``top`` and ``random`` strategies use.
+    """
+    b, limit, strategy = len(cu) - 1, spec.max_tokens, spec.gene_sampling_strategy
+    in_view = np.zeros(vocab_size, bool)
+    in_view[genes] = True
+    expressed = in_view[tokens]
+    member = expressed.copy()
+    rate = None
+    if spec.feature_max_drop_rate:
+        rate = rng.uniform(0, spec.feature_max_drop_rate, b)
+        member &= rng.random(len(tokens)) >= rate[cell]
+    zero_tok = zero_cell = np.empty(0, np.int64)
+    if strategy in ("top", "random"):
+        # the view's genes this cell did not express (value 0) are candidates too
+        pos = np.searchsorted(genes, tokens[expressed])
+        absent = np.ones((b, len(genes)), bool)
+        absent[cell[expressed], pos] = False
+        if rate is not None:
+            absent &= rng.random(absent.shape) >= rate[:, None]
+    if strategy == "random":
+        # a uniform sample of max_tokens among all candidates, expressed or not
+        keys = np.full((b, len(genes)), np.inf, np.float32)
+        keys[absent] = rng.random(int(absent.sum()), dtype=np.float32)
+        m_cells, m_pos = cell[member], np.searchsorted(genes, tokens[member])
+        keys[m_cells, m_pos] = rng.random(len(m_cells), dtype=np.float32)
+        if len(genes) > limit:
+            thr = np.partition(keys, limit - 1, axis=1)[:, limit - 1]
+            chosen = keys <= thr[:, None]
+            member[np.flatnonzero(member)] = chosen[m_cells, m_pos]
+            absent &= chosen
+    elif _too_long(member, cu, limit):
+        if strategy.startswith("random"):  # random-nonzero: a random subset, stored order
+            key = np.where(member, rng.random(len(tokens)), 2.0)
+            order = np.lexsort((key, cell))
+            rank = np.empty(len(tokens), np.int64)
+            rank[order] = np.arange(len(tokens)) - cu[:-1][cell[order]]
+        else:  # top, top-nonzero: the first max_tokens members (cells are value-descending)
+            csum = np.cumsum(member)
+            rank = csum - 1 - np.concatenate([[0], csum])[cu[:-1]][cell]
+        member &= rank < limit
+    if strategy == "top":
+        room = limit - np.bincount(cell[member], minlength=b)
+        absent &= np.cumsum(absent, axis=1) <= room[:, None]
+    if strategy in ("top", "random"):
+        zero_cell, zpos = np.nonzero(absent)
+        zero_tok = genes[zpos].astype(np.int64)
+    entries = np.flatnonzero(member)
+    return entries, cell[entries], zero_tok, zero_cell
+
+
+def _too_long(member: np.ndarray, cu: np.ndarray, limit: int) -> bool:
+    """Does any cell have more than ``limit`` selected entries?"""
+    if not len(member):
+        return False
+    counts = np.add.reduceat(member.astype(np.int64), cu[:-1].clip(max=len(member) - 1))
+    counts[cu[:-1] == cu[1:]] = 0  # reduceat yields an element for empty cells
+    return bool(counts.max(initial=0) > limit)
+
+
+def plan_views(
+    batch: PackedBatch,
+    spec: ViewSpec,
+    vocab_size: int,
+    panels: Panels | None = None,
+) -> ViewPlan:
+    """Plan both views of a host batch (see the module docstring)."""
+    rng = np.random.default_rng([spec.seed, batch.epoch, batch.index])
+    tokens = batch.tokens.numpy().astype(np.int64)
+    cu = batch.cu_seqlens.numpy().astype(np.int64)
+    b = len(cu) - 1
+    var = batch.var_tokens.numpy().astype(np.int64)
+    names = panels.names.get(batch.species, []) if panels else []
+    toks = panels.tokens.get(batch.species, []) if panels else []
+    g1, g2, name1 = draw_gene_sets(var, toks, names, spec, rng)
+    cell = np.repeat(np.arange(b), np.diff(cu))
+    parts = [_select(tokens, cu, cell, g, vocab_size, spec, rng) for g in (g1, g2)]
+    lengths = [
+        np.bincount(ec, minlength=b) + np.bincount(zc, minlength=b) for _, ec, _, zc in parts
+    ]
+    keep = np.ones(b, bool)
+    if spec.train and spec.qc_threshold is not None:
+        for length, g in zip(lengths, (g1, g2), strict=True):
+            keep &= length > spec.qc_threshold * len(g)
+    if spec.train and spec.max_total_seq_length is not None:
+        keep &= np.cumsum(lengths[0] + lengths[1]) <= spec.max_total_seq_length
+    # lay out 2B sequences [CLS, entries..., zero genes...]; dropped cells keep only CLS
+    seq = np.concatenate([np.where(keep, length, 0) for length in lengths]) + 1
+    cu_out = np.zeros(2 * b + 1, np.int64)
+    np.cumsum(seq, out=cu_out[1:])
+    src = np.full(cu_out[-1], -1, np.int64)
+    extra, n_extra = [], 0
+    for v, (entries, ecell, ztok, zcell) in enumerate(parts):
+        ok = keep[ecell]
+        entries, ecell = entries[ok], ecell[ok]
+        zok = keep[zcell]
+        ztok, zcell = ztok[zok], zcell[zok]
+        start = cu_out[v * b : (v + 1) * b] + 1  # first gene position of each sequence
+        n_e = np.bincount(ecell, minlength=b)
+        e_first = np.concatenate([[0], np.cumsum(n_e)[:-1]])
+        src[start[ecell] + np.arange(len(entries)) - e_first[ecell]] = entries
+        z_first = np.concatenate([[0], np.cumsum(np.bincount(zcell, minlength=b))[:-1]])
+        zpos = start[zcell] + n_e[zcell] + np.arange(len(ztok)) - z_first[zcell]
+        src[zpos] = len(tokens) + n_extra + np.arange(len(ztok))
+        extra.append(ztok)
+        n_extra += len(ztok)
+    return ViewPlan(
+        src=torch.from_numpy(src),
+        extra_tokens=torch.from_numpy(np.concatenate(extra)),
+        cu_seqlens=torch.from_numpy(cu_out.astype(np.int32)),
+        max_seqlen=int(seq.max(initial=1)),
+        items_mask=torch.from_numpy(keep),
+        gene_sets=(g1, g2),
+        panel_names=(name1, "random"),
+    )
+
+
+# --- on the device ---------------------------------------------------------------------
+
+
+def normalize_values(batch: PackedBatch, method: str) -> torch.Tensor:
+    """Per-cell normalization of a device batch's values (float32)."""
+    v = batch.values.float()
+    if method == "raw":
+        return v
+    if method == "log1p":
+        return torch.log1p(v)
+    counts = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    cell = torch.repeat_interleave(
+        torch.arange(len(counts), device=v.device), counts, output_size=len(v)
+    )
+    if method.startswith("binning/"):
+        # per-cell quantile bins of the nonzero values, 1..N; the stored order (value desc,
+        # token asc) is the rank, so ties are split by token instead of random jitter
+        n_bins = int(method.split("/", 1)[1])
+        rank = torch.arange(len(v), device=v.device) - batch.cu_seqlens[:-1].long()[cell]
+        return n_bins - torch.div(rank * n_bins, counts[cell], rounding_mode="floor").float()
+    scaled = v / (batch.total_counts[cell] + 1e-3) * 1e4
+    if method == "totalcount":
+        return scaled
+    return torch.log1p(scaled)  # totalcount_log1p, totalcount/log1p
+
+
+def build_views(batch: PackedBatch, normalization: str = "raw") -> Views:
+    """Gather a device batch's planned views (``batch.views``) into packed tensors."""
+    plan: ViewPlan = batch.views
+    values = normalize_values(batch, normalization)
+    src_tokens = torch.cat([batch.tokens.long(), plan.extra_tokens.long()])
+    src_values = torch.cat([values, values.new_zeros(len(plan.extra_tokens))])
+    idx = plan.src.clamp(min=0)
+    is_cls = plan.src < 0
+    tokens = torch.where(is_cls, CLS_TOKEN, src_tokens[idx])
+    vals = torch.where(is_cls, 0.0, src_values[idx])
+    return Views(tokens, vals, plan.cu_seqlens, plan.max_seqlen, plan.items_mask, len(batch))
+
+
+def make_planner(spec: ViewSpec, vocab_size: int, panels: Panels | None = None):
+    """``fn(batch) -> ViewPlan`` for :class:`~concept.data.loader.TokenLoader`'s ``plan_views``."""
+
+    def plan(batch: PackedBatch) -> ViewPlan:
+        return plan_views(batch, spec, vocab_size, panels)
+
+    return plan

@@ -1,0 +1,309 @@
+"""The training data path: sampler, readers, packed batches, resume, panel views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import store_paths
+
+from concept.data import BlockSampler, TokenLoader
+from concept.data.reader import StoreReader
+from concept.data.views import (
+    Panels,
+    ViewSpec,
+    build_views,
+    draw_gene_sets,
+    make_planner,
+    normalize_values,
+)
+from concept.store import open_store
+from concept.vocab import read_token_mapping
+
+# --- sampler ---------------------------------------------------------------------------
+
+
+def _cells(batch) -> list[tuple[int, int]]:
+    return [(r.store, c) for r in batch for c in range(r.start, r.stop)]
+
+
+def test_each_cell_once_per_epoch_and_ranks_partition():
+    sizes = [300, 250, 130, 50]
+    full = BlockSampler(sizes, batch_size=64, block_size=16, seed=3)
+    batches = full.global_batches(0)
+    assert len(batches) == len(full) == 300 // 64 + 250 // 64 + 130 // 64
+    cells = [c for b in batches for c in _cells(b)]
+    assert len(cells) == len(set(cells))  # no cell twice
+    for b in batches:  # within_group: one store per global batch
+        assert len({r.store for r in b}) == 1 and len(_cells(b)) == 64
+    assert full.dropped_stores == [3]  # smaller than one batch: never used (as the reference)
+    per_store = {s: sum(1 for st, _ in cells if st == s) for s in range(4)}
+    assert per_store == {0: 256, 1: 192, 2: 128, 3: 0}
+    # rank slices of world 4 partition every global batch, contiguously per rank
+    ranks = [BlockSampler(sizes, 64, 16, seed=3, rank=r, world_size=4) for r in range(4)]
+    for b in batches:
+        parts = [_cells(s.rank_slice(b)) for s in ranks]
+        assert [len(p) for p in parts] == [16] * 4
+        assert sum(parts, []) == _cells(b)
+    assert len({len(s) for s in ranks}) == 1  # every rank yields the same number of batches
+
+
+def test_epochs_reshuffle_deterministically():
+    s = BlockSampler([500, 400], batch_size=32, block_size=8, seed=0)
+    e0, e0_again, e1 = s.global_batches(0), s.global_batches(0), s.global_batches(1)
+    assert e0 == e0_again and e0 != e1
+    assert sorted(map(_cells, e0)) != sorted(
+        map(_cells, e1)
+    )  # blocks regrouped, not only reordered
+
+
+def test_mixed_batches_and_caps():
+    s = BlockSampler([100, 90, 40], batch_size=32, block_size=8, within_group=False)
+    batches = s.global_batches(0)
+    cells = [c for b in batches for c in _cells(b)]
+    assert len(batches) == 230 // 32 and len(cells) == len(set(cells))
+    assert any(len({r.store for r in b}) > 1 for b in batches)
+    capped = BlockSampler([1000, 100], batch_size=32, block_size=8, num_samples=330)
+    assert capped.sizes.tolist() == [300, 32]  # proportional, at least one batch each
+    equal = BlockSampler([1000, 100], 32, 8, num_samples=200, sample_groups_equally=True)
+    assert equal.sizes.tolist() == [100, 100]
+    one = BlockSampler([100, 100, 100], 32, 8, num_groups=1)
+    assert (one.sizes > 0).sum() == 1
+
+
+# --- readers and packed batches --------------------------------------------------------
+
+
+def test_raw_and_tensorstore_readers_return_the_same_bytes(compiled):
+    for path in store_paths(compiled):
+        raw, ts = StoreReader(path, "raw"), StoreReader(path, "tensorstore")
+        nnz = raw.attrs["nnz"]
+        for name, n in [
+            ("tokens", nnz),
+            ("values", nnz),
+            ("indptr", raw.n_cells + 1),
+            ("cell/row", raw.n_cells),
+        ]:
+            for a, b in [(0, n), (n // 3, n // 3 + 17), (n - 5, n)]:
+                assert np.array_equal(raw.read(name, a, b), ts.read(name, a, b)), (path.name, name)
+
+
+def test_batches_equal_store_contents(compiled):
+    paths = store_paths(compiled, "hs_")
+    stores = [open_store(p) for p in paths]
+    where = [{int(r): i for i, r in enumerate(s.rows)} for s in stores]
+    loader = TokenLoader(paths, batch_size=32, block_size=8, obs_keys=["cell_type", "tissue"])
+    seen = set()
+    for b in loader:
+        assert len(b) == 32 and b.species == "hsapiens"
+        store = int(b.store_index[0])
+        assert torch.all(b.store_index == store)
+        cu = b.cu_seqlens.numpy()
+        assert np.array_equal(b.var_tokens.numpy(), stores[store].var_tokens)
+        for i in range(len(b)):
+            k = where[store][int(b.rows[i])]
+            tokens, values = stores[store].cell(k)
+            assert np.array_equal(b.tokens[cu[i] : cu[i + 1]].numpy(), tokens)
+            assert np.array_equal(b.values[cu[i] : cu[i + 1]].numpy(), values)
+            assert b.total_counts[i] == stores[store].total_counts[k]
+            codes, cats = stores[store].obs("cell_type")
+            label = cats[codes[k]] if codes[k] >= 0 else None
+            got = int(b.obs["cell_type"][i])
+            assert (loader.categories.names["cell_type"][got] if got >= 0 else None) == label
+            seen.add((store, k))
+    expected = sum(len(s) // 32 * 32 for s in stores if len(s) >= 32)
+    assert len(seen) == expected
+
+
+def _trace(loader, n=None):
+    out = []
+    for i, b in enumerate(loader):
+        if n is not None and i == n:
+            break
+        out.append((b.index, int(b.store_index[0]), b.rows.tolist()))
+    return out
+
+
+def test_exact_mid_epoch_resume(compiled):
+    paths = store_paths(compiled, "hs_")
+    straight = TokenLoader(paths, batch_size=16, block_size=4, seed=5)
+    straight.set_epoch(1)
+    want = _trace(straight)
+    first = TokenLoader(paths, batch_size=16, block_size=4, seed=5, prefetch=3)
+    first.set_epoch(1)
+    head = _trace(first, 7)  # the reader is ahead of the consumer here
+    state = first.state_dict()
+    resumed = TokenLoader(paths, batch_size=16, block_size=4, seed=5)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # what a trainer calls at the start of the resumed epoch
+    assert head + _trace(resumed) == want
+
+
+def test_worker_processes_yield_the_same_batches(compiled):
+    paths = store_paths(compiled, "hs_")
+    plain = _trace(TokenLoader(paths, batch_size=16, block_size=4))
+    assert _trace(TokenLoader(paths, batch_size=16, block_size=4, num_workers=2)) == plain
+
+
+# --- views ------------------------------------------------------------------------------
+
+
+def _mapping(compiled):
+    return read_token_mapping(
+        compiled / "references/vocabulary/token_mappings_per_specie/hsapiens.csv"
+    )
+
+
+def _views(compiled, spec, *, batch_size=32, rank=0, world_size=1, panels=None):
+    vocab = _mapping(compiled).size
+    loader = TokenLoader(
+        store_paths(compiled, "hs_"),
+        batch_size=batch_size,
+        block_size=8,
+        rank=rank,
+        world_size=world_size,
+        plan_views=make_planner(spec, vocab, panels),
+    )
+    return [(b, build_views(b.to("cpu"), spec.normalization)) for b in loader]
+
+
+def _reference_view(cell_tokens, genes, strategy, max_tokens):
+    """The reference's per-cell selection, written plainly: top strategies only."""
+    g = set(genes.tolist())
+    nonzero = [t for t in cell_tokens.tolist() if t in g][:max_tokens]
+    if strategy == "top":
+        room = max_tokens - len(nonzero)
+        zeros = sorted(g - set(cell_tokens.tolist()))[: max(room, 0)]
+        return nonzero + zeros
+    return nonzero
+
+
+@pytest.mark.parametrize(
+    ("strategy", "max_tokens"), [("top-nonzero", 1000), ("top-nonzero", 50), ("top", 120)]
+)
+def test_views_equal_a_per_cell_reference(compiled, strategy, max_tokens):
+    spec = ViewSpec(max_tokens=max_tokens, gene_sampling_strategy=strategy, panel_size_min=0.02)
+    for b, v in _views(compiled, spec)[:4]:
+        g1, g2 = b.views.gene_sets
+        assert len(np.intersect1d(g1, g2)) == 0  # disjoint by default
+        assert set(g1) | set(g2) <= set(b.var_tokens.tolist())
+        cu_in, cu = b.cu_seqlens.numpy(), v.cu_seqlens.numpy()
+        assert len(cu) == 2 * len(b) + 1 and v.max_seqlen == np.diff(cu).max()
+        for i in range(len(b)):
+            cell = b.tokens[cu_in[i] : cu_in[i + 1]].long()
+            for view, genes in ((0, g1), (1, g2)):
+                s = view * len(b) + i
+                seq = v.tokens[cu[s] : cu[s + 1]].tolist()
+                assert seq[0] == 0  # CLS first
+                assert seq[1:] == _reference_view(cell, genes, strategy, max_tokens)
+
+
+@pytest.mark.parametrize("strategy", ["random-nonzero", "random"])
+def test_random_strategies_sample_within_the_view(compiled, strategy):
+    spec = ViewSpec(
+        max_tokens=40, gene_sampling_strategy=strategy, panel_size_min=0.3, panel_size_max=0.3
+    )
+    for b, v in _views(compiled, spec)[:3]:
+        cu_in, cu = b.cu_seqlens.numpy(), v.cu_seqlens.numpy()
+        for i in range(len(b)):
+            cell = b.tokens[cu_in[i] : cu_in[i + 1]].tolist()
+            for view, genes in enumerate(b.views.gene_sets):
+                s = view * len(b) + i
+                seq = v.tokens[cu[s] + 1 : cu[s + 1]].tolist()
+                vals = v.values[cu[s] + 1 : cu[s + 1]]
+                expressed = [t for t in cell if t in set(genes.tolist())]
+                want = min(40, len(expressed) if strategy == "random-nonzero" else len(genes))
+                assert len(seq) == want
+                assert set(seq) <= set(genes.tolist())
+                nz = [t for t, x in zip(seq, vals.tolist(), strict=True) if x > 0]
+                assert nz == [t for t in expressed if t in set(nz)]  # stored order kept
+                assert seq[: len(nz)] == nz  # expressed genes first, then zeros
+                zeros = seq[len(nz) :]
+                assert zeros == sorted(zeros) and not set(zeros) & set(cell)
+
+
+def test_two_ranks_draw_the_same_panels(compiled):
+    spec = ViewSpec(max_tokens=100, seed=7)
+    r0 = _views(compiled, spec, rank=0, world_size=2)
+    r1 = _views(compiled, spec, rank=1, world_size=2)
+    assert len(r0) == len(r1)
+    for (b0, _), (b1, _) in zip(r0, r1, strict=True):
+        assert b0.index == b1.index and not torch.equal(b0.rows, b1.rows)  # different cells
+        assert all(
+            np.array_equal(x, y)
+            for x, y in zip(b0.views.gene_sets, b1.views.gene_sets, strict=True)
+        )
+
+
+def test_gene_set_rules():
+    rng = np.random.default_rng(0)
+    var = np.arange(2, 20002)
+    panel_a = np.arange(100, 1100)  # 1000 genes, all in the store
+    panel_far = np.arange(50000, 50500)  # misses the store entirely
+    pre = ViewSpec(panel_selection="preselected", panel_max_drop_rate=0.5)
+    for _ in range(20):
+        g1, g2, name = draw_gene_sets(var, [panel_a], ["hs/a.csv"], pre, rng)
+        assert name == "hs/a.csv" and set(g1) <= set(panel_a) and 500 <= len(g1) <= 1000
+        assert not set(g1) & set(g2) and len(g2) >= 400  # pmin = ceil(0.02 n)
+    g1, _, name = draw_gene_sets(var, [panel_far], ["hs/far.csv"], pre, rng)
+    assert name == "random" and len(g1) > 0  # no empty view 1 (reference bug)
+    small = var[:5000]  # a targeted assay: fewer than 10,000 genes -> random panels
+    assert draw_gene_sets(small, [panel_a], ["hs/a.csv"], pre, rng)[2] == "random"
+    fixed = ViewSpec(panel_size_min=200, panel_size_max=200, panel_overlap=1.0)
+    overlaps = [
+        len(np.intersect1d(*draw_gene_sets(var, [], [], fixed, rng)[:2])) for _ in range(20)
+    ]
+    assert all(len(g) == 200 for g in draw_gene_sets(var, [], [], fixed, rng)[:2])
+    assert max(overlaps) > 0  # overlap allowed
+    mixed = ViewSpec(panel_selection="mixed", panel_selection_mixed_prob=0.25)
+    names = [draw_gene_sets(var, [panel_a], ["a"], mixed, rng)[2] for _ in range(400)]
+    assert 0.15 < names.count("random") / 400 < 0.35
+
+
+def test_panels_load_from_the_project(compiled):
+    panels = Panels.load(compiled / "panels", {"hsapiens": _mapping(compiled)})
+    assert 2 <= len(panels.names["hsapiens"]) <= 4
+    assert all(np.all(t >= 2) and np.all(np.diff(t) > 0) for t in panels.tokens["hsapiens"])
+
+
+def test_feature_drop_qc_and_token_budget(compiled):
+    base = ViewSpec(max_tokens=1000, panel_size_min=0.3, panel_size_max=0.3)
+    lengths = lambda views: np.mean([np.diff(v.cu_seqlens.numpy()).mean() for _, v in views])  # noqa: E731
+    assert lengths(_views(compiled, replace_spec(base, feature_max_drop_rate=0.9))) < 0.8 * lengths(
+        _views(compiled, base)
+    )
+    for b, v in _views(compiled, replace_spec(base, qc_threshold=0.15)):
+        n = np.diff(v.cu_seqlens.numpy()) - 1
+        b1, b2 = len(b.views.gene_sets[0]), len(b.views.gene_sets[1])
+        keep = v.items_mask.numpy()
+        assert np.array_equal(n[: len(b)] > 0, keep) or not keep.all()
+        assert np.all(n[: len(b)][keep] > 0.15 * b1) and np.all(n[len(b) :][keep] > 0.15 * b2)
+        assert np.all(n[: len(b)][~keep] == 0)  # dropped cells keep only CLS
+    for _, v in _views(compiled, replace_spec(base, max_total_seq_length=3000)):
+        n = np.diff(v.cu_seqlens.numpy()) - 1
+        b = len(v.items_mask)
+        assert (n[:b] + n[b:]).sum() <= 3000 and not v.items_mask.all()
+    for _, v in _views(compiled, replace_spec(base, max_total_seq_length=3000, train=False)):
+        assert v.items_mask.all()  # validation ignores the training-only filters
+
+
+def replace_spec(spec, **kw):
+    from dataclasses import replace
+
+    return replace(spec, **kw)
+
+
+def test_normalizations_per_cell(compiled):
+    loader = TokenLoader(store_paths(compiled, "hs_csr_a"), batch_size=16, block_size=8)
+    b = next(iter(loader)).to("cpu")
+    cu = b.cu_seqlens
+    raw = b.values
+    i = 3
+    seg = slice(int(cu[i]), int(cu[i + 1]))
+    total = b.total_counts[i]
+    assert torch.allclose(normalize_values(b, "log1p")[seg], torch.log1p(raw[seg]))
+    assert torch.allclose(normalize_values(b, "totalcount")[seg], raw[seg] / (total + 1e-3) * 1e4)
+    tl = normalize_values(b, "totalcount_log1p")[seg]
+    assert torch.allclose(tl, torch.log1p(raw[seg] / (total + 1e-3) * 1e4))
+    bins = normalize_values(b, "binning/10")[seg]
+    assert bins.max() == 10 and bins.min() >= 1 and torch.all(bins[:-1] >= bins[1:])
