@@ -18,6 +18,7 @@ Layout (DESIGN.md section 5)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -53,6 +54,23 @@ ROOT_ATTRS = (
 )
 
 
+COMPILER_VERSION = "1"
+
+# Compile settings that change a store's bytes: part of its fingerprint.
+BYTE_SETTINGS = (
+    "x_source",
+    "var_column",
+    "normalization",
+    "value_dtype",
+    "obs_keys",
+    "shuffle_seed",
+    "chunk_elements",
+    "shard_elements",
+    "cell_chunk",
+    "compressor",
+)
+
+
 class StoreError(ValueError):
     """A path is not a complete token store of a supported version."""
 
@@ -78,6 +96,46 @@ def store_path(compiled_root: str | Path, source_name: str, stem: str) -> Path:
 def store_key(source_name: str, stem: str) -> str:
     """Registry key of a store."""
     return f"compiled/{source_name}/{stem}.zarr"
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """Size, mtime and the first and last MiB: cheap, and changes whenever the file does."""
+    path = Path(path)
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(st.st_size - (1 << 20), 0))
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def expected_attrs(
+    source: Path | str, vocab_sha256: str, panels: list[Path], settings: dict
+) -> dict:
+    """The attributes a current store of ``source`` carries (compared to decide staleness)."""
+    from concept.vocab import file_sha256
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "source_fingerprint": source_fingerprint(source),
+        "vocab_sha256": vocab_sha256,
+        "panels_sha256": file_sha256(*panels),
+        "settings": {k: settings[k] for k in BYTE_SETTINGS},
+        "compiler_version": COMPILER_VERSION,
+    }
+
+
+def stale_reason(path: str | Path, expected: dict) -> str | None:
+    """Why the store at ``path`` is missing or out of date (None when current)."""
+    try:
+        attrs = read_attrs(path)
+    except StoreError as e:
+        return str(e)
+    for key, value in expected.items():
+        if attrs.get(key) != value:
+            return f"{path}: {key} differs from the current inputs"
+    return None
 
 
 def read_attrs(path: str | Path) -> dict:

@@ -22,25 +22,11 @@ from tqdm import tqdm
 from concept.cli import entry_point
 from concept.config import Config
 from concept.splits import SplitFile, configured_files
-from concept.store import store_key, store_path
+from concept.store import BYTE_SETTINGS, store_key, store_path
 from concept.vocab import panel_files
 from preprocess.compiler import FileJob, FileReport, compile_file
 
 log = logging.getLogger("preprocess.compile")
-
-# Settings that change a store's bytes: part of its fingerprint.
-BYTE_SETTINGS = (
-    "x_source",
-    "var_column",
-    "normalization",
-    "value_dtype",
-    "obs_keys",
-    "shuffle_seed",
-    "chunk_elements",
-    "shard_elements",
-    "cell_chunk",
-    "compressor",
-)
 
 
 def make_jobs(cfg: Config) -> list[FileJob]:

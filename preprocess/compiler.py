@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import hashlib
 import os
 import shutil
 import time
@@ -30,9 +29,8 @@ import numpy as np
 from concept import store as fmt
 from concept.h5ad import H5adSource
 from concept.tokenize import tokenize_csr
-from concept.vocab import InputError, TokenMapping, file_sha256, read_panel, read_token_mapping
+from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
 
-COMPILER_VERSION = "1"
 BUCKET_ELEMENTS = 8 << 20  # entries per scratch bucket: bounds pass-2 memory (~100 MB)
 
 
@@ -76,18 +74,6 @@ class FileReport:
         return {**asdict(self), "cells_per_s": round(self.cells_per_s, 1)}
 
 
-def source_fingerprint(path: str | Path) -> str:
-    """Size, mtime and the first and last MiB: cheap, and changes whenever the file does."""
-    path = Path(path)
-    st = path.stat()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with path.open("rb") as fh:
-        h.update(fh.read(1 << 20))
-        fh.seek(max(st.st_size - (1 << 20), 0))
-        h.update(fh.read(1 << 20))
-    return h.hexdigest()
-
-
 @contextmanager
 def store_lock(out: Path):
     """Exclusive lock for one store; released by the OS if the process dies."""
@@ -98,14 +84,6 @@ def store_lock(out: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _is_current(out: Path, expected: dict) -> bool:
-    try:
-        attrs = fmt.read_attrs(out)
-    except fmt.StoreError:
-        return False
-    return all(attrs.get(k) == v for k, v in expected.items())
 
 
 def _compressors(name: str | None):
@@ -339,16 +317,11 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
             raise InputError(f"{job.source}: file not found")
         for p in job.panels:
             read_panel(p)  # a malformed panel fails its species' files, loudly
-        expected = {
-            "format_version": fmt.FORMAT_VERSION,
-            "source_fingerprint": source_fingerprint(job.source),
-            "vocab_sha256": mapping.sha256,
-            "panels_sha256": file_sha256(*map(Path, job.panels)),
-            "settings": job.settings,
-            "compiler_version": COMPILER_VERSION,
-        }
+        expected = fmt.expected_attrs(
+            job.source, mapping.sha256, list(map(Path, job.panels)), job.settings
+        )
         with store_lock(out):
-            if not job.force and _is_current(out, expected):
+            if not job.force and fmt.stale_reason(out, expected) is None:
                 attrs = fmt.read_attrs(out)
                 report.status, report.n_cells, report.nnz = (
                     "skipped",
