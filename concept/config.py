@@ -341,7 +341,8 @@ def validate(cfg: DictConfig | dict) -> Config:
     plain = dict(plain)
     plain.pop("hydra", None)
     dm = dict(plain.get("datamodule", {}))
-    plain["splits"] = {k: dm.pop(k) for k in list(dm) if k.startswith("split_")}
+    mounted = {k: dm.pop(k) for k in list(dm) if k.startswith("split_")}
+    plain["splits"] = {**plain.get("splits", {}), **mounted}  # asdict(Config) round-trips
     plain["datamodule"] = dm
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), plain)

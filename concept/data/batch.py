@@ -38,7 +38,10 @@ class PackedBatch:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max()) if len(self) else 0
 
     def pin_memory(self) -> PackedBatch:
-        return self._map(lambda t: t.pin_memory())
+        out = self._map(lambda t: t.pin_memory())
+        if self.views is not None:
+            out.views = self.views.pin_memory()
+        return out
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
         """Move to ``device``; cast tokens to int64 and values to float32 there."""

@@ -77,10 +77,12 @@ class TokenLoader:
     num_workers
         0: a background thread in this process; k > 0: k DataLoader worker processes.
     pin_memory
-        Pin host buffers (default: when CUDA is available).
+        Pin host buffers (only ever when CUDA is available; False turns it off).
     plan_views
         Optional ``fn(batch) -> ViewPlan`` run on the reading thread.
     """
+
+    batch_sampler = None  # Lightning inspects DataLoader-like attributes; ``sampler`` gets set_epoch
 
     def __init__(
         self,
@@ -125,7 +127,7 @@ class TokenLoader:
         self.obs_keys = list(obs_keys)
         self.categories = _Categories(self.paths, self.obs_keys)
         self.prefetch, self.num_workers = prefetch, num_workers
-        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin = torch.cuda.is_available() and pin_memory is not False
         self.plan_views = plan_views
         self._var_cache: dict[int, np.ndarray] = {}
 

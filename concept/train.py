@@ -1,0 +1,251 @@
+"""``python -m concept.train PATH.PROJECT_PATH=P [dotted overrides]``: contrastive pre-training.
+
+Resolves the splits to compiled stores (a missing or stale store is an error that prints
+the compile command), builds the data module, the model and a Lightning Trainer, and
+fits. Run folder: ``PATH.CHECKPOINT_ROOT/<run_id>/`` with ``config.yaml``, ``metrics.csv``,
+``steps/`` and ``latest/`` (``last.ckpt``). Resume with ``initialize.resume=true
+initialize.run_id=ID initialize.checkpoint=latest/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+
+from concept.callbacks import Throughput
+from concept.cli import entry_point
+from concept.config import Config, ConfigError, validate
+from concept.datamodule import TokenDataModule, read_mappings, resolve_stores
+from concept.lit import ContrastiveModule
+from concept.vocab import InputError, TokenMapping
+
+log = logging.getLogger("concept.train")
+SEED = 42
+
+
+def load_pretrained(cfg: Config, mappings: dict[str, TokenMapping]) -> dict[str, np.ndarray] | None:
+    """Per-species gene vectors aligned to tokens (CLS, PAD and unknown genes stay zero)."""
+    root = cfg.PATH.PRETRAINED_VOCABULARY
+    if root is None:
+        return None
+    if not Path(root).is_dir():
+        raise InputError(
+            f"PATH.PRETRAINED_VOCABULARY={root}: no such directory (set it to null to train without)"
+        )
+    out = {}
+    for species, mapping in mappings.items():
+        path = Path(root) / f"{species}.csv"
+        if not path.is_file():
+            raise InputError(f"{path}: pretrained vectors for {species} not found")
+        with path.open() as fh:
+            fh.readline()
+            ids = []
+            rows = []
+            for line in fh:
+                gene, _, rest = line.partition(",")
+                ids.append(gene)
+                rows.append(rest)
+        vectors = np.loadtxt(rows, delimiter=",", dtype=np.float32, ndmin=2)
+        if vectors.shape[1] != cfg.model.dim_pretrained_vocab:
+            raise InputError(
+                f"{path}: vectors have {vectors.shape[1]} columns, model.dim_pretrained_vocab is "
+                f"{cfg.model.dim_pretrained_vocab}"
+            )
+        table = np.zeros((mapping.size, vectors.shape[1]), np.float32)
+        tokens = mapping.tokens_of(ids)
+        table[tokens[tokens >= 0]] = vectors[tokens >= 0]
+        log.info(
+            "%s: %d of %d genes have pretrained vectors",
+            species,
+            (tokens >= 0).sum(),
+            mapping.size - 2,
+        )
+        out[species] = table
+    return out
+
+
+def _run_dir(cfg: Config) -> tuple[str, Path]:
+    ini = cfg.initialize
+    if ini.resume and not ini.create_new_run:
+        if not ini.run_id:
+            raise ConfigError("initialize.resume=true needs initialize.run_id")
+        return ini.run_id, Path(cfg.PATH.CHECKPOINT_ROOT) / ini.run_id
+    run_id = cfg.wandb.run_name or dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return run_id, Path(cfg.PATH.CHECKPOINT_ROOT) / run_id
+
+
+def resume_config(cfg: Config, overrides: list[str]) -> Config:
+    """The run folder's saved config (or ``initialize.config_file``) with CLI keys on top."""
+    ini = cfg.initialize
+    path = (
+        Path(ini.config_file)
+        if ini.config_file
+        else Path(cfg.PATH.CHECKPOINT_ROOT) / str(ini.run_id) / "config.yaml"
+    )
+    if not path.is_file():
+        raise ConfigError(f"initialize.resume: no saved config at {path}")
+    saved = OmegaConf.load(path)
+    cli = OmegaConf.from_dotlist(
+        [o.lstrip("+") for o in overrides if "=" in o and not o.startswith("~")]
+    )
+    return validate(OmegaConf.merge(saved, cli))
+
+
+def build_trainer(cfg: Config, run_dir: Path, run_id: str) -> L.Trainer:
+    t = cfg.model.training
+    gpu = t.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if t.accelerator in ("gpu", "cuda") and not gpu:
+        raise ConfigError(
+            "model.training.accelerator=gpu but no GPU is visible: pass model.training.accelerator=cpu"
+        )
+    devices = t.devices if (gpu or t.devices != -1) else 1
+    num_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", t.num_nodes))
+    n_dev = torch.cuda.device_count() if (gpu and devices == -1) else devices
+    strategy = "ddp" if (n_dev > 1 or num_nodes > 1) else "auto"
+    step_every = 100_000 if t.max_steps > 100_000 else 10_000
+    callbacks = [
+        ModelCheckpoint(
+            run_dir / "steps",
+            "step={step}",
+            every_n_train_steps=step_every,
+            save_top_k=-1,
+            save_last="link",
+            auto_insert_metric_name=False,
+        ),
+        ModelCheckpoint(
+            run_dir / "latest",
+            "step={step}",
+            every_n_train_steps=min(20_000, t.max_steps),
+            save_top_k=1,
+            monitor="step",
+            mode="max",
+            save_last="link",
+            auto_insert_metric_name=False,
+        ),
+        LearningRateMonitor("step"),
+        Throughput(),
+    ]
+    loggers = [CSVLogger(run_dir.parent, name=run_dir.name, version="")]
+    if cfg.wandb.enabled:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                name=cfg.wandb.run_name,
+                entity=cfg.wandb.entity,
+                project=cfg.wandb.project,
+                id=run_id,
+                save_dir=cfg.PATH.PROJECT_PATH,
+                offline=cfg.wandb.mode == "offline",
+                resume="allow",
+            )
+        )
+    profiler = None
+    if cfg.profiler.enabled:
+        from lightning.pytorch.profilers import PyTorchProfiler
+
+        profiler = PyTorchProfiler(
+            dirpath=run_dir / "profiler",
+            filename="profiler",
+            record_shapes=True,
+            profile_memory=True,
+            with_stack=True,
+            schedule=torch.profiler.schedule(
+                skip_first=170, wait=10, warmup=10, active=20, repeat=1
+            ),
+        )
+    val_interval = t.val_check_interval
+    val_interval = float(val_interval) if val_interval <= 1 else int(val_interval)
+    return L.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision="bf16-mixed" if gpu else "32-true",
+        max_steps=t.max_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=val_interval,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_train_batches=t.limit_train_batches,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        callbacks=callbacks,
+        logger=loggers,
+        profiler=profiler,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=run_dir,
+    )
+
+
+def train(cfg: Config, overrides: list[str] | None = None) -> dict:
+    """Build everything and fit; returns the final validation metrics (floats)."""
+    if cfg.initialize.resume:
+        cfg = resume_config(cfg, overrides or [])
+    train_max = cfg.datamodule.dataset.train.max_tokens
+    if cfg.model.pe_max_len < train_max + 1:
+        raise ConfigError(
+            f"model.pe_max_len={cfg.model.pe_max_len} must be >= max_tokens + 1 = {train_max + 1}"
+        )
+    L.seed_everything(SEED, workers=True, verbose=False)
+    mappings = read_mappings(cfg)
+    stores = resolve_stores(cfg, mappings)
+    pretrained = load_pretrained(cfg, mappings)
+    data = TokenDataModule(cfg, stores, mappings, seed=SEED)
+    module = ContrastiveModule(
+        ContrastiveModule.hparams_for(cfg.model, pretrained),
+        {s: m.size for s, m in mappings.items()},
+        cfg.datamodule.normalization,
+        data.val_names,
+        cfg.datamodule.obs_keys,
+        pretrained,
+    )
+    run_id, run_dir = _run_dir(cfg)
+    ckpt = None
+    ini = cfg.initialize
+    if ini.resume:
+        source = Path(cfg.PATH.CHECKPOINT_ROOT) / str(ini.run_id) / str(ini.checkpoint)
+        if not source.exists():
+            raise ConfigError(f"initialize.checkpoint: {source} does not exist")
+        if ini.create_new_run:  # weights only, into a new run
+            state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
+            module.load_state_dict(state, strict=False)
+        else:
+            ckpt = str(source)
+    trainer = build_trainer(cfg, run_dir, run_id)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_dict = asdict(cfg)
+        cfg_dict["initialize"] = asdict(type(cfg.initialize)())  # a saved config starts fresh
+        OmegaConf.save(OmegaConf.create(cfg_dict), run_dir / "config.yaml")
+        log.info("run %s -> %s", run_id, run_dir)
+    if cfg.model.training.validate_before_training and ckpt is None and data.val_names:
+        trainer.validate(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def run(cfg: Config) -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    metrics = train(cfg, overrides)
+    for key in sorted(k for k in metrics if k.startswith("val/")):
+        print(f"{key:<50} {metrics[key]:.4f}")
+    return 0
+
+
+main = entry_point(run)
+
+if __name__ == "__main__":
+    main()
