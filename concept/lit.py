@@ -75,12 +75,12 @@ class ContrastiveModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["pretrained"])
+        model = dict(model)
+        shapes = model.pop("_pretrained_shapes", None)
         self.cfg = ModelConfig(**{**model, "training": TrainingConfig(**model["training"])})
-        if pretrained is None and model.get("_pretrained_shapes"):
+        if pretrained is None and shapes:
             # rebuilt from a checkpoint: zero tables of the saved shape, filled by the state dict
-            pretrained = {
-                s: np.zeros(shape, np.float32) for s, shape in model["_pretrained_shapes"].items()
-            }
+            pretrained = {s: np.zeros(shape, np.float32) for s, shape in shapes.items()}
         self.net = ContrastiveEncoder(self.cfg, vocab_sizes, pretrained)
         self.logit_scale = torch.nn.Parameter(torch.tensor(float(self.cfg.logit_scale_init_value)))
         self.normalization = normalization
