@@ -19,10 +19,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-from concept.callbacks import Throughput
+from concept.callbacks import CSVLog, Throughput
 from concept.cli import entry_point
 from concept.config import Config, ConfigError, validate
 from concept.datamodule import TokenDataModule, read_mappings, resolve_stores
@@ -135,7 +134,7 @@ def build_trainer(cfg: Config, run_dir: Path, run_id: str) -> L.Trainer:
         LearningRateMonitor("step"),
         Throughput(),
     ]
-    loggers = [CSVLogger(run_dir.parent, name=run_dir.name, version="")]
+    loggers = [CSVLog(run_dir / "metrics.csv")]
     if cfg.wandb.enabled:
         from lightning.pytorch.loggers import WandbLogger
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -116,12 +118,8 @@ def test_batches_equal_store_contents(compiled):
 
 
 def _trace(loader, n=None):
-    out = []
-    for i, b in enumerate(loader):
-        if n is not None and i == n:
-            break
-        out.append((b.index, int(b.store_index[0]), b.rows.tolist()))
-    return out
+    """The first ``n`` batches (all when None), taking exactly ``n`` from the loader."""
+    return [(b.index, int(b.store_index[0]), b.rows.tolist()) for b in itertools.islice(loader, n)]
 
 
 def test_exact_mid_epoch_resume(compiled):

@@ -20,7 +20,9 @@ def _packed(lengths, heads=2, dim=8, device="cpu", dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = sum(lengths)
     q, k, v = (torch.randn(t, heads, dim, generator=g).to(device, dtype) for _ in range(3))
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = torch.tensor(
+        [0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device
+    )
     return q, k, v, Packing.from_cu_seqlens(cu, max(lengths), t)
 
 
@@ -51,14 +53,24 @@ def test_cpu_falls_back_to_sdpa_without_flash():
 def test_gpu_backends_equal_per_sequence_attention(backend):
     if backend == "flash_attn":
         pytest.importorskip("flash_attn")
-    q, k, v, packing = _packed([37, 1, 300, 64], heads=4, dim=64, device="cuda", dtype=torch.bfloat16)
+    q, k, v, packing = _packed(
+        [37, 1, 300, 64], heads=4, dim=64, device="cuda", dtype=torch.bfloat16
+    )
     out = varlen_attention(q, k, v, packing, backend=backend).float()
     ref = _reference(q.float(), k.float(), v.float(), packing.cu_seqlens)
     assert torch.allclose(out, ref, atol=2e-2)
 
 
 def _tiny(**kw) -> ModelConfig:
-    base = dict(dim_gene_embs=16, dim_model=16, num_head=2, dim_hid=32, nlayers=2, dropout=0.0, pe_max_len=64)
+    base = dict(
+        dim_gene_embs=16,
+        dim_model=16,
+        num_head=2,
+        dim_hid=32,
+        nlayers=2,
+        dropout=0.0,
+        pe_max_len=64,
+    )
     return ModelConfig(**{**base, **kw}, training=TrainingConfig())
 
 
@@ -80,13 +92,17 @@ def test_packed_encoder_equals_one_sequence_at_a_time():
     cu = torch.tensor([0, 4, 6, 13], dtype=torch.int32)
     z, _ = net(tokens, torch.ones(len(tokens)), cu, 7, "hsapiens")
     for i, s in enumerate(seqs):
-        alone, _ = net(s, torch.ones(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s), "hsapiens")
+        alone, _ = net(
+            s, torch.ones(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s), "hsapiens"
+        )
         assert torch.allclose(z[i], alone[0], atol=1e-5)
     assert torch.allclose(z.norm(dim=1), torch.ones(3))
 
 
 def test_value_encoding_and_projection():
-    net = ContrastiveEncoder(_tiny(input_encoding="value_encoding", projection_dim=8), {"hsapiens": 50}).eval()
+    net = ContrastiveEncoder(
+        _tiny(input_encoding="value_encoding", projection_dim=8), {"hsapiens": 50}
+    ).eval()
     tokens = torch.tensor([0, 5, 9, 0, 5, 9])
     cu = torch.tensor([0, 3, 6], dtype=torch.int32)
     z, _ = net(tokens, torch.tensor([0.0, 3.0, 1.0, 0.0, 1.0, 3.0]), cu, 3, "hsapiens")
@@ -96,7 +112,9 @@ def test_value_encoding_and_projection():
 
 def _embeddings(n=6, d=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g), dim=1), F.normalize(torch.randn(n, d, generator=g), dim=1)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1), F.normalize(
+        torch.randn(n, d, generator=g), dim=1
+    )
 
 
 def test_clip_loss_equals_a_direct_computation():

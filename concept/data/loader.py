@@ -82,7 +82,9 @@ class TokenLoader:
         Optional ``fn(batch) -> ViewPlan`` run on the reading thread.
     """
 
-    batch_sampler = None  # Lightning inspects DataLoader-like attributes; ``sampler`` gets set_epoch
+    batch_sampler = (
+        None  # Lightning inspects DataLoader-like attributes; ``sampler`` gets set_epoch
+    )
 
     def __init__(
         self,
@@ -238,10 +240,10 @@ class TokenLoader:
             while (item := out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
-                # runs when the next batch is asked for: a trainer that fetches one batch
-                # ahead has then finished this one (the read-ahead never counts)
+                # handed out = consumed (what Lightning's checkpoint expects); the batches
+                # read ahead on the thread never count
                 self.sampler.position = item.index + 1
+                yield item
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue
@@ -259,8 +261,8 @@ class TokenLoader:
             prefetch_factor=max(self.prefetch // self.num_workers, 1),
         )
         for batch in loader:
-            yield batch
             self.sampler.position = batch.index + 1
+            yield batch
 
 
 class _WorkerBatches(torch.utils.data.IterableDataset):

@@ -1,0 +1,208 @@
+"""Training end to end on CPU: resume, DDP over gloo, and that the model learns."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import store_paths
+
+from concept.config import load_config
+from concept.train import train
+
+TINY = [
+    "model.dim_gene_embs=32",
+    "model.dim_model=32",
+    "model.num_head=2",
+    "model.dim_hid=64",
+    "model.nlayers=2",
+    "model.dropout=0.0",
+    "model.pe_max_len=257",
+    "model.dim_pretrained_vocab=8",
+    "model.training.accelerator=cpu",
+    "model.training.warmup=10",
+    "model.training.lr=3e-3",
+    "model.training.validate_before_training=false",
+    "datamodule.dataset.train.max_tokens=64",
+    "datamodule.dataloader.train.batch_size=16",
+    "datamodule.loader.block_size=8",
+]
+VAL_SMALL = [
+    f"datamodule.dataloader.val.{n}.batch_size=32"
+    for n in ("within_P200_B256", "within_P800_B256", "within_P6400_B256")
+]
+
+
+def _cfg(project: Path, *extra: str):
+    return load_config(
+        [
+            f"PATH.PROJECT_PATH={project}",
+            f"PATH.PRETRAINED_VOCABULARY={project}/references/embeddings/esm2_t30",
+            *TINY,
+            *VAL_SMALL,
+            *extra,
+        ]
+    )
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as fh:
+        return {
+            int(r["step"]): float(r["train/loss"])
+            for r in csv.DictReader(fh)
+            if r.get("train/loss")
+        }
+
+
+def test_missing_store_names_the_compile_command(synth_project, tmp_path):
+    cfg = _cfg(synth_project, "model.training.max_steps=1")
+    with pytest.raises(FileNotFoundError, match="python -m preprocess.compile PATH.PROJECT_PATH="):
+        train(cfg)
+
+
+def test_resume_equals_straight_run(compiled, tmp_path):
+    """N steps straight == N/2 steps, then resume from latest/last.ckpt for N/2 (same losses)."""
+    common = [
+        "model.training.log_every_n_steps=1",
+        "model.training.val_check_interval=1000",
+        f"PATH.CHECKPOINT_ROOT={tmp_path}",
+    ]
+    train(_cfg(compiled, *common, "model.training.max_steps=8", "wandb.run_name=straight"))
+    train(_cfg(compiled, *common, "model.training.max_steps=4", "wandb.run_name=half"))
+    assert (tmp_path / "half" / "latest" / "last.ckpt").exists()
+    resume = [
+        "initialize.resume=true",
+        "initialize.run_id=half",
+        "initialize.checkpoint=latest/last.ckpt",
+        "model.training.max_steps=8",
+    ]
+    train(_cfg(compiled, *common, *resume), overrides=resume)
+    straight, resumed = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "half")
+    assert sorted(straight) == list(range(8)) and sorted(resumed) == list(range(8))
+    for step in range(8):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
+
+
+def test_model_learns_on_the_synthetic_project(compiled, tmp_path):
+    """A tiny model trained ~200 steps matches views far above chance (must fail if it cannot learn)."""
+    metrics = train(
+        _cfg(
+            compiled,
+            "model.training.max_steps=200",
+            "model.training.val_check_interval=200",
+            "model.training.log_every_n_steps=50",
+            f"PATH.CHECKPOINT_ROOT={tmp_path}",
+        )
+    )
+    chance = 1 / 32  # val batches of 32 cells
+    recall = metrics["val/within_P800_B256/recall@1"]
+    assert recall >= 5 * chance, metrics
+    assert metrics["val/within_P800_B256/knn_acc_cell_type"] > 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, project: str, out: str) -> None:
+    """One rank: a few optimizer steps on its slice, recording what it saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from concept.data.loader import TokenLoader
+    from concept.data.views import ViewSpec, make_planner
+    from concept.datamodule import read_mappings
+    from concept.lit import ContrastiveModule, gather
+
+    cfg = _cfg(Path(project))
+    vocab = read_mappings(cfg)["hsapiens"].size
+    torch.manual_seed(0)
+    module = ContrastiveModule(ContrastiveModule.hparams_for(cfg.model, None), {"hsapiens": vocab})
+    ddp = torch.nn.parallel.DistributedDataParallel(module.net)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    loader = TokenLoader(
+        store_paths(Path(project), "hs_"),
+        batch_size=16,
+        block_size=4,
+        rank=rank,
+        world_size=world,
+        plan_views=make_planner(ViewSpec(max_tokens=32), vocab),
+    )
+    from concept import losses
+    from concept.data.views import build_views
+
+    record = []
+    for i, batch in enumerate(loader):
+        if i == 3:
+            break
+        views = build_views(batch.to("cpu"))
+        z, _ = ddp(views.tokens, views.values, views.cu_seqlens, views.max_seqlen, "hsapiens")
+        z1, z2 = gather(z[: views.n_cells]), gather(z[views.n_cells :])
+        loss, _ = losses.clip_loss(z1, z2, torch.tensor(20.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        record.append(
+            (batch.rows.tolist(), [g.tolist() for g in batch.views.gene_sets], len(z1), float(loss))
+        )
+    weights = ddp.module.layers[0].linear1.weight.detach().numpy()
+    np.save(f"{out}/rank{rank}_w.npy", weights)
+    torch.save(record, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_over_gloo(compiled, tmp_path):
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(2, _free_port(), str(compiled), str(tmp_path)), nprocs=2
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(r0) == len(r1) == 3
+    for (rows0, sets0, n0, loss0), (rows1, sets1, n1, loss1) in zip(r0, r1, strict=True):
+        assert not set(rows0) & set(rows1) or rows0 != rows1  # different cells per rank
+        assert sets0 == sets1  # the same panels on both ranks
+        assert n0 == n1 == 16  # negatives gathered from both ranks (8 cells each)
+        assert loss0 == pytest.approx(loss1, rel=1e-5)  # one global loss
+    w0, w1 = np.load(tmp_path / "rank0_w.npy"), np.load(tmp_path / "rank1_w.npy")
+    assert np.array_equal(w0, w1)  # gradients averaged: replicas stay identical
+
+
+def test_cli_trains_and_writes_the_run_folder(compiled, tmp_path):
+    import subprocess
+    import sys
+
+    project = tmp_path / "p"
+    shutil.copytree(compiled, project, ignore=shutil.ignore_patterns(".lamin"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "concept.train",
+        f"PATH.PROJECT_PATH={project}",
+        f"PATH.PRETRAINED_VOCABULARY={project}/references/embeddings/esm2_t30",
+        *TINY,
+        *VAL_SMALL,
+        "model.training.max_steps=3",
+        "model.training.val_check_interval=3",
+        "wandb.run_name=cli",
+    ]
+    done = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = project / "model_checkpoints" / "cli"
+    assert (run / "config.yaml").exists() and (run / "metrics.csv").exists()
+    assert (run / "latest" / "last.ckpt").exists()
+    assert "val/within_P800_B256/recall@1" in done.stdout
+    # the saved config is a complete, valid config
+    from omegaconf import OmegaConf
+
+    from concept.config import validate
+
+    saved = validate(OmegaConf.load(run / "config.yaml"))
+    assert saved.model.nlayers == 2 and str(project) == saved.PATH.PROJECT_PATH
