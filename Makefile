@@ -24,7 +24,10 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m concept.demo PATH.PROJECT_PATH=$(DEMO)
+	@test -d $(DEMO)/data || $(PY) -m preprocess.synth PATH.PROJECT_PATH=$(DEMO) synth.pretrained_dim=32
+	$(PY) -m preprocess.compile PATH.PROJECT_PATH=$(DEMO)
+	$(PY) -m preprocess.verify PATH.PROJECT_PATH=$(DEMO)
+	$(PY) -m concept.train --config-name demo PATH.PROJECT_PATH=$(DEMO)
 
 clean-demo:
 	rm -rf $(DEMO)

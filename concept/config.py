@@ -59,6 +59,12 @@ class PathConfig:
     COMPILED_ROOT: str = ""
     LAMIN_ROOT: str = ""
 
+    def __post_init__(self) -> None:
+        # absolute paths: worker processes and the registry child run in other folders
+        for name, value in vars(self).items():
+            if isinstance(value, str) and value:
+                setattr(self, name, str(Path(value).expanduser().absolute()))
+
 
 @dataclass
 class WandbConfig:
