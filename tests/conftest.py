@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from concept.config import load_config
-from preprocess.synth import generate_project
 
 SMALL = {"n_cells": 200, "n_genes": 3000, "pretrained_dim": 8}
 
@@ -16,6 +15,8 @@ SMALL = {"n_cells": 200, "n_genes": 3000, "pretrained_dim": 8}
 @pytest.fixture(scope="session")
 def synth_project(tmp_path_factory) -> Path:
     """A small synthetic project (read-only: copy it with ``project_copy`` to change it)."""
+    from preprocess.synth import generate_project  # anndata: not needed by GPU-only tests
+
     path = tmp_path_factory.mktemp("synth") / "project"
     generate_project(path, seed=0, progress=False, **SMALL)
     return path
