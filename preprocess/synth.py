@@ -798,3 +798,29 @@ def generate_project(
             adata.file.close()
         summary[(H5AD_DIR / path.name).as_posix()] = n
     return summary
+
+
+LARGE_CELLS = 200_000
+
+
+def run(cfg) -> int:
+    """``python -m preprocess.synth PATH.PROJECT_PATH=P [synth.seed=S synth.n_cells=N ...]``."""
+    s = cfg.synth
+    n_cells = LARGE_CELLS if s.large else s.n_cells
+    summary = generate_project(
+        cfg.PATH.PROJECT_PATH,
+        seed=s.seed,
+        n_cells=n_cells,
+        n_genes=s.n_genes,
+        pretrained_dim=s.pretrained_dim,
+    )
+    total = sum(summary.values())
+    print(f"wrote {len(summary)} h5ad files ({total} cells) to {cfg.PATH.PROJECT_PATH}")
+    print(f"next: python -m preprocess.compile PATH.PROJECT_PATH={cfg.PATH.PROJECT_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    from concept.cli import entry_point
+
+    entry_point(run)()

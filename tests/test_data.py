@@ -253,6 +253,9 @@ def test_gene_set_rules():
     ]
     assert all(len(g) == 200 for g in draw_gene_sets(var, [], [], fixed, rng)[:2])
     assert max(overlaps) > 0  # overlap allowed
+    big = ViewSpec(panel_size_min=6400, panel_size_max=6400)  # more than half of 5,000 genes
+    g1, g2, _ = draw_gene_sets(small, [], [], big, rng)
+    assert len(g1) == len(g2) == 2500 and not set(g1) & set(g2)  # split evenly, never empty
     mixed = ViewSpec(panel_selection="mixed", panel_selection_mixed_prob=0.25)
     names = [draw_gene_sets(var, [panel_a], ["a"], mixed, rng)[2] for _ in range(400)]
     assert 0.15 < names.count("random") / 400 < 0.35

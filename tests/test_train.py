@@ -90,12 +90,12 @@ def test_resume_equals_straight_run(compiled, tmp_path):
 
 
 def test_model_learns_on_the_synthetic_project(compiled, tmp_path):
-    """A tiny model trained ~200 steps matches views far above chance (must fail if it cannot learn)."""
+    """A tiny model trained 300 steps matches views far above chance (must fail if it cannot learn)."""
     metrics = train(
         _cfg(
             compiled,
-            "model.training.max_steps=200",
-            "model.training.val_check_interval=200",
+            "model.training.max_steps=300",
+            "model.training.val_check_interval=300",
             "model.training.log_every_n_steps=50",
             f"PATH.CHECKPOINT_ROOT={tmp_path}",
         )

@@ -26,7 +26,6 @@ gene set (and the plan reports it as ``"random"``).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -69,10 +68,8 @@ class Panels:
     @classmethod
     def load(cls, root: str | Path, mappings: dict[str, TokenMapping], regex: str = ".*") -> Panels:
         out = cls()
-        pattern = re.compile(regex)
         for species, mapping in mappings.items():
-            files = [p for p in panel_files(root, species) if pattern.search(p.name)]
-            panels = [read_panel(p) for p in files]
+            panels = [read_panel(p) for p in panel_files(root, species, regex)]
             out.names[species] = [p.name for p in panels]
             toks = [mapping.tokens_of(p.gene_ids) for p in panels]
             out.tokens[species] = [np.unique(t[t >= 0]) for t in toks]
@@ -154,6 +151,10 @@ def draw_gene_sets(
     n = len(var_tokens)
     overlap = rng.random() <= float(spec.panel_overlap)
     pmin, pmax = _size(spec.panel_size_min, n), _size(spec.panel_size_max, n)
+    if not overlap and 2 * pmin > n:
+        # two disjoint views of pmin genes do not fit (e.g. P6400 on a targeted assay): the
+        # reference would leave view 1 empty; split the genes evenly instead
+        pmin = pmax = n // 2
     random_case = (
         spec.panel_selection == "random"
         or (spec.panel_selection == "mixed" and rng.random() <= spec.panel_selection_mixed_prob)
