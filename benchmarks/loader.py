@@ -29,7 +29,6 @@ down; cells per CPU-second is the figure they disturb least). The rows:
 ``packed+views/raw``
     The same as ``packed/raw`` with the two panel views planned on the reading thread
     (``concept.data.views.make_planner`` with the ``DataModuleBasic`` train view settings).
-    Looked up at run time; without it the row reads "pending: views not yet available".
 ``reference``
     The reference's data path: ``lamin_dataloader``'s ``LaminDiskCollection`` (lamindb's
     ``MappedCollection``: per-cell reads of the backed ``.h5ad``, densified to all genes)
@@ -396,10 +395,6 @@ def ensure_annbatch(out: Path, py: Path) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-class Pending(Exception):
-    """The row cannot run yet (e.g. the views module is not there)."""
-
-
 def _token_loader(out: Path, reader: str, planner=None):
     from concept.data import TokenLoader
 
@@ -430,35 +425,19 @@ def row_packed(out: Path, reader: str, seed: int = 0):
 
 
 def views_planner(out: Path):
-    """``make_planner`` with the ``DataModuleBasic`` train view settings (Pending if absent)."""
-    try:
-        from concept.data import views
-    except ImportError as e:
-        raise Pending(f"views not yet available ({e})") from None
-    if not hasattr(views, "make_planner"):
-        raise Pending("views not yet available (no concept.data.views.make_planner)")
-    import dataclasses
-
+    """``make_planner`` with the ``DataModuleBasic`` train view settings, as training uses."""
     from concept.config import load_config
+    from concept.data.views import Panels, make_planner
+    from concept.datamodule import view_spec
     from concept.vocab import read_token_mapping
 
     cfg = load_config([f"PATH.PROJECT_PATH={out}"])
     train = cfg.datamodule.dataset.train
-    names = {f.name for f in dataclasses.fields(views.ViewSpec)}
-    given = {k: v for k, v in dataclasses.asdict(train).items() if k in names and v is not None}
-    extra = {
-        "gene_sampling_strategy": cfg.datamodule.gene_sampling_strategy,
-        "normalization": cfg.datamodule.normalization,
-    }
-    given.update({k: v for k, v in extra.items() if k in names})
-    if isinstance(given.get("panel_overlap"), bool):
-        given["panel_overlap"] = float(given["panel_overlap"])
-    spec = views.ViewSpec(**given)
     mapping = read_token_mapping(mapping_path(out))
-    panels = views.Panels.load(
+    panels = Panels.load(
         cfg.PATH.PANELS_PATH, {"hsapiens": mapping}, regex=train.panel_filter_regex
     )
-    return views.make_planner(spec, mapping.size, panels)
+    return make_planner(view_spec(cfg, train, train=True, seed=0), mapping.size, panels)
 
 
 def row_views(out: Path, seed: int = 0):
@@ -670,10 +649,7 @@ def step(args) -> dict:
 
     with h5py.File(h5ad_path(out), "r") as f:
         n_cells = int(f["X"].attrs["shape"][0])
-    try:
-        batches, files = make_row(args.step, out, args.warmup + args.batches, args.seed)
-    except Pending as e:
-        return {"pending": str(e)}
+    batches, files = make_row(args.step, out, args.warmup + args.batches, args.seed)
     return measure(batches, files, args.warmup, args.batches, args.mode == "cold", n_cells // BATCH)
 
 
@@ -898,7 +874,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = _run_child(cmd)
         res["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        summary = res.get("error") or res.get("pending") or f"{res['cells_per_s']:,.0f} cells/s"
+        summary = res.get("error") or f"{res['cells_per_s']:,.0f} cells/s"
         print(f"  {key:<20} {mode:<5} {summary}", flush=True)
         return res
 
@@ -912,10 +888,7 @@ def main() -> None:
         label, _, _, note = ROWS[k]
         w = warm[k]
         row = {"name": label, "key": k, "note": note}
-        if "pending" in w:
-            row.update(cells_per_s=None, tokens_per_s=None, peak_rss_mb=None)
-            row["note"] = f"pending: {w['pending']}"
-        elif "error" in w:
+        if "error" in w:
             row.update(cells_per_s=None, tokens_per_s=None, peak_rss_mb=None)
             row["note"] = f"not measured: {w['error']}"
         else:

@@ -147,7 +147,10 @@ def _size(x: float, n: int) -> int:
 def draw_gene_sets(
     var_tokens: np.ndarray, panels: list[np.ndarray], panel_names: list[str], spec: ViewSpec, rng
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """The batch's two gene sets (sorted tokens) and view 1's panel name."""
+    """The batch's two gene sets (tokens, unordered) and view 1's panel name.
+
+    ``var_tokens`` is the store's gene universe (ascending); panels are ascending too.
+    """
     n = len(var_tokens)
     overlap = rng.random() <= float(spec.panel_overlap)
     pmin, pmax = _size(spec.panel_size_min, n), _size(spec.panel_size_max, n)
@@ -161,98 +164,114 @@ def draw_gene_sets(
         or n < TARGETED_ASSAY_GENES
         or not panels
     )
-    g1, name = np.empty(0, var_tokens.dtype), "random"
+    g1, name = var_tokens[:0], "random"
     if not random_case:
         k = int(rng.integers(len(panels)))
         panel = panels[k]
         if spec.panel_max_drop_rate:
             rate = rng.uniform(0, spec.panel_max_drop_rate)
             panel = panel[rng.random(len(panel)) >= rate]
-        g1 = np.intersect1d(panel, var_tokens)
+        at = np.searchsorted(var_tokens, panel).clip(max=max(n - 1, 0))
+        g1 = panel[var_tokens[at] == panel] if n else g1  # panel genes this store has
         name = panel_names[k]
     if len(g1) == 0:  # random case, or a panel that misses this store's genes
         avail = n if overlap else max(n - pmin, 0)
         k1 = loguniform_int(rng, min(pmin, avail), min(pmax, avail))
-        g1, name = np.sort(var_tokens[rng.permutation(n)[:k1]]), "random"
-    pool = var_tokens if overlap else np.setdiff1d(var_tokens, g1, assume_unique=True)
+        perm = rng.permutation(n)
+        g1, name = var_tokens[perm[:k1]], "random"
+        pool = var_tokens[perm[k1:]]  # already in random order: the complement of view 1
+    else:
+        rest = np.ones(n, bool)
+        rest[np.searchsorted(var_tokens, g1)] = False
+        pool = var_tokens[rest]
+        pool = pool[rng.permutation(len(pool))]
+    if overlap:
+        pool = var_tokens[rng.permutation(n)]
     k2 = loguniform_int(rng, min(pmin, len(pool)), min(pmax, len(pool)))
-    g2 = np.sort(pool[rng.permutation(len(pool))[:k2]])
-    return g1, g2, name
+    return g1, pool[:k2], name
 
 
 # --- per-cell selection ---------------------------------------------------------------
 
 
+@dataclass
+class _Selection:
+    """One view of the batch: chosen entries (flat, cell-major) and zero-valued genes."""
+
+    entries: np.ndarray  # indices into the batch's flat tokens, grouped by cell
+    counts: np.ndarray  # (B,) entries per cell
+    zero_tokens: np.ndarray  # genes of the view a cell did not express (top / random)
+    zero_counts: np.ndarray  # (B,)
+
+
+def _entries(member: np.ndarray, cu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the True entries (cell-major) and where each cell's run starts among them."""
+    entries = np.flatnonzero(member)
+    return entries, np.searchsorted(entries, cu)
+
+
 def _select(
     tokens: np.ndarray,
     cu: np.ndarray,
-    cell: np.ndarray,
     genes: np.ndarray,
     vocab_size: int,
     spec: ViewSpec,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One view: selected entries (in output order), their cells, extra zero genes and cells.
+) -> _Selection:
+    """Which entries (and which zero-valued genes) view ``genes`` keeps in each cell.
 
-    Returns ``(entries, entry_cells, zero_tokens, zero_cells)``; each cell's sequence is its
-    selected entries (value descending, as stored) followed by its zero genes (token
-    ascending), which only the ``top`` and ``random`` strategies use.
+    Each cell's sequence is its selected entries (value descending, as stored) followed by
+    its zero genes (token ascending), which only the ``top`` and ``random`` strategies use.
     """
     b, limit, strategy = len(cu) - 1, spec.max_tokens, spec.gene_sampling_strategy
+    lengths = np.diff(cu)
     in_view = np.zeros(vocab_size, bool)
     in_view[genes] = True
     expressed = in_view[tokens]
-    member = expressed.copy()
+    member = expressed
     rate = None
     if spec.feature_max_drop_rate:
         rate = rng.uniform(0, spec.feature_max_drop_rate, b)
-        member &= rng.random(len(tokens)) >= rate[cell]
-    zero_tok = zero_cell = np.empty(0, np.int64)
+        member = expressed & (rng.random(len(tokens)) >= np.repeat(rate, lengths))
+    zero_tok = np.empty(0, np.int64)
+    zero_counts = np.zeros(b, np.int64)
     if strategy in ("top", "random"):
+        genes = np.sort(genes)
+        cell = np.repeat(np.arange(b), lengths)
         # the view's genes this cell did not express (value 0) are candidates too
-        pos = np.searchsorted(genes, tokens[expressed])
         absent = np.ones((b, len(genes)), bool)
-        absent[cell[expressed], pos] = False
+        absent[cell[expressed], np.searchsorted(genes, tokens[expressed])] = False
         if rate is not None:
             absent &= rng.random(absent.shape) >= rate[:, None]
-    if strategy == "random":
-        # a uniform sample of max_tokens among all candidates, expressed or not
-        keys = np.full((b, len(genes)), np.inf, np.float32)
-        keys[absent] = rng.random(int(absent.sum()), dtype=np.float32)
-        m_cells, m_pos = cell[member], np.searchsorted(genes, tokens[member])
-        keys[m_cells, m_pos] = rng.random(len(m_cells), dtype=np.float32)
-        if len(genes) > limit:
-            thr = np.partition(keys, limit - 1, axis=1)[:, limit - 1]
-            chosen = keys <= thr[:, None]
+        if strategy == "random" and len(genes) > limit:
+            # a uniform sample of max_tokens among all candidates, expressed or not
+            keys = np.full((b, len(genes)), np.inf, np.float32)
+            keys[absent] = rng.random(int(absent.sum()), dtype=np.float32)
+            m_cells, m_pos = cell[member], np.searchsorted(genes, tokens[member])
+            keys[m_cells, m_pos] = rng.random(len(m_cells), dtype=np.float32)
+            chosen = keys <= np.partition(keys, limit - 1, axis=1)[:, limit - 1][:, None]
+            member = member.copy()
             member[np.flatnonzero(member)] = chosen[m_cells, m_pos]
             absent &= chosen
-    elif _too_long(member, cu, limit):
-        if strategy.startswith("random"):  # random-nonzero: a random subset, stored order
-            key = np.where(member, rng.random(len(tokens)), 2.0)
-            order = np.lexsort((key, cell))
-            rank = np.empty(len(tokens), np.int64)
-            rank[order] = np.arange(len(tokens)) - cu[:-1][cell[order]]
-        else:  # top, top-nonzero: the first max_tokens members (cells are value-descending)
-            csum = np.cumsum(member)
-            rank = csum - 1 - np.concatenate([[0], csum])[cu[:-1]][cell]
-        member &= rank < limit
-    if strategy == "top":
-        room = limit - np.bincount(cell[member], minlength=b)
-        absent &= np.cumsum(absent, axis=1) <= room[:, None]
-    if strategy in ("top", "random"):
+        elif strategy == "top":
+            nonzero = np.diff(_entries(member, cu)[1])
+            absent &= np.cumsum(absent, axis=1) <= (limit - np.minimum(nonzero, limit))[:, None]
         zero_cell, zpos = np.nonzero(absent)
         zero_tok = genes[zpos].astype(np.int64)
-    entries = np.flatnonzero(member)
-    return entries, cell[entries], zero_tok, zero_cell
-
-
-def _too_long(member: np.ndarray, cu: np.ndarray, limit: int) -> bool:
-    """Does any cell have more than ``limit`` selected entries?"""
-    if not len(member):
-        return False
-    counts = np.add.reduceat(member.astype(np.int64), cu[:-1].clip(max=len(member) - 1))
-    counts[cu[:-1] == cu[1:]] = 0  # reduceat yields an element for empty cells
-    return bool(counts.max(initial=0) > limit)
+        zero_counts = np.bincount(zero_cell, minlength=b)
+    entries, bounds = _entries(member, cu)
+    counts = np.diff(bounds)
+    if counts.max(initial=0) > limit:
+        if strategy == "random-nonzero":  # a random subset of max_tokens, kept in stored order
+            keep = np.ones(len(entries), bool)
+            for c in np.flatnonzero(counts > limit):
+                drop = rng.choice(counts[c], counts[c] - limit, replace=False)
+                keep[bounds[c] + drop] = False
+        else:  # top: the first max_tokens members of each cell (cells are value-descending)
+            keep = np.arange(len(entries)) - np.repeat(bounds[:-1], counts) < limit
+        entries = entries[keep]
+        counts = np.minimum(counts, limit)
+    return _Selection(entries, counts, zero_tok, zero_counts)
 
 
 def plan_views(
@@ -263,42 +282,38 @@ def plan_views(
 ) -> ViewPlan:
     """Plan both views of a host batch (see the module docstring)."""
     rng = np.random.default_rng([spec.seed, batch.epoch, batch.index])
-    tokens = batch.tokens.numpy().astype(np.int64)
+    tokens = batch.tokens.numpy().astype(np.intp)  # once: both views index with it
     cu = batch.cu_seqlens.numpy().astype(np.int64)
     b = len(cu) - 1
-    var = batch.var_tokens.numpy().astype(np.int64)
+    var = batch.var_tokens.numpy()
     names = panels.names.get(batch.species, []) if panels else []
     toks = panels.tokens.get(batch.species, []) if panels else []
     g1, g2, name1 = draw_gene_sets(var, toks, names, spec, rng)
-    cell = np.repeat(np.arange(b), np.diff(cu))
-    parts = [_select(tokens, cu, cell, g, vocab_size, spec, rng) for g in (g1, g2)]
-    lengths = [
-        np.bincount(ec, minlength=b) + np.bincount(zc, minlength=b) for _, ec, _, zc in parts
-    ]
+    views = [_select(tokens, cu, g, vocab_size, spec, rng) for g in (g1, g2)]
     keep = np.ones(b, bool)
+    lengths = [v.counts + v.zero_counts for v in views]
     if spec.train and spec.qc_threshold is not None:
         for length, g in zip(lengths, (g1, g2), strict=True):
             keep &= length > spec.qc_threshold * len(g)
     if spec.train and spec.max_total_seq_length is not None:
         keep &= np.cumsum(lengths[0] + lengths[1]) <= spec.max_total_seq_length
     # lay out 2B sequences [CLS, entries..., zero genes...]; dropped cells keep only CLS
-    seq = np.concatenate([np.where(keep, length, 0) for length in lengths]) + 1
+    seq = np.concatenate([np.where(keep, n, 0) for n in lengths]) + 1
     cu_out = np.zeros(2 * b + 1, np.int64)
     np.cumsum(seq, out=cu_out[1:])
     src = np.full(cu_out[-1], -1, np.int64)
-    extra, n_extra = [], 0
-    for v, (entries, ecell, ztok, zcell) in enumerate(parts):
-        ok = keep[ecell]
-        entries, ecell = entries[ok], ecell[ok]
-        zok = keep[zcell]
-        ztok, zcell = ztok[zok], zcell[zok]
+    extra, n_extra = [], len(tokens)
+    for v, sel in enumerate(views):
+        entries, counts, ztok, zcounts = sel.entries, sel.counts, sel.zero_tokens, sel.zero_counts
+        if not keep.all():
+            entries, ztok = entries[np.repeat(keep, counts)], ztok[np.repeat(keep, zcounts)]
+            counts, zcounts = counts * keep, zcounts * keep
         start = cu_out[v * b : (v + 1) * b] + 1  # first gene position of each sequence
-        n_e = np.bincount(ecell, minlength=b)
-        e_first = np.concatenate([[0], np.cumsum(n_e)[:-1]])
-        src[start[ecell] + np.arange(len(entries)) - e_first[ecell]] = entries
-        z_first = np.concatenate([[0], np.cumsum(np.bincount(zcell, minlength=b))[:-1]])
-        zpos = start[zcell] + n_e[zcell] + np.arange(len(ztok)) - z_first[zcell]
-        src[zpos] = len(tokens) + n_extra + np.arange(len(ztok))
+        first = np.cumsum(counts) - counts
+        src[np.repeat(start - first, counts) + np.arange(len(entries))] = entries
+        zfirst = np.cumsum(zcounts) - zcounts
+        zpos = np.repeat(start + counts - zfirst, zcounts) + np.arange(len(ztok))
+        src[zpos] = n_extra + np.arange(len(ztok))
         extra.append(ztok)
         n_extra += len(ztok)
     return ViewPlan(
