@@ -157,41 +157,41 @@ class TokenLoader:
 
     def read_batch(self, reads: list[Read], epoch: int = 0, index: int = 0) -> PackedBatch:
         """Read one rank's share of a global batch into a packed batch."""
-        spans = []  # per read: (reader, local indptr, first entry, last entry)
-        for r in reads:
-            rd = self.readers[r.store]
-            ip = rd.read(fmt.INDPTR, r.start, r.stop + 1)
-            spans.append((rd, ip))
+        ips = [self.readers[r.store].cell_array(fmt.INDPTR)[r.start : r.stop + 1] for r in reads]
         n_cells = sum(r.stop - r.start for r in reads)
-        nnz = sum(int(ip[-1] - ip[0]) for _, ip in spans)
+        nnz = sum(int(ip[-1] - ip[0]) for ip in ips)
         first = self.readers[reads[0].store]
+        vdtype = first.dtype(fmt.VALUES)
+        for r in reads[1:]:  # mixed stores: widen values to a common dtype
+            vdtype = np.promote_types(vdtype, self.readers[r.store].dtype(fmt.VALUES))
         tokens = np.empty(nnz, first.dtype(fmt.TOKENS))
-        values = np.empty(nnz, first.dtype(fmt.VALUES))
+        values = np.empty(nnz, vdtype)
         cu = np.empty(n_cells + 1, np.int32)
         cu[0] = 0
         total = np.empty(n_cells, np.float32)
         rows = np.empty(n_cells, np.int64)
         store_index = np.empty(n_cells, np.int32)
         obs = {k: np.empty(n_cells, np.int32) for k in self.obs_keys}
-        e = c = 0
-        for r, (rd, ip) in zip(reads, spans, strict=True):
+        pending, e, c = [], 0, 0
+        for r, ip in zip(reads, ips, strict=True):
+            rd = self.readers[r.store]
             m, k = r.stop - r.start, int(ip[-1] - ip[0])
-            if rd.dtype(fmt.VALUES) != values.dtype:  # mixed stores: widen to a common dtype
-                values = values.astype(np.promote_types(values.dtype, rd.dtype(fmt.VALUES)))
-            rd.read(fmt.TOKENS, int(ip[0]), int(ip[-1]), tokens[e : e + k])
-            rd.read(fmt.VALUES, int(ip[0]), int(ip[-1]), values[e : e + k])
+            pending.append(rd.submit(fmt.TOKENS, int(ip[0]), int(ip[-1]), tokens[e : e + k]))
+            pending.append(rd.submit(fmt.VALUES, int(ip[0]), int(ip[-1]), values[e : e + k]))
             cu[c + 1 : c + m + 1] = ip[1:] - ip[0] + e
-            rd.read(fmt.TOTAL_COUNTS, r.start, r.stop, total[c : c + m])
-            rd.read(fmt.ROW, r.start, r.stop, rows[c : c + m])
+            total[c : c + m] = rd.cell_array(fmt.TOTAL_COUNTS)[r.start : r.stop]
+            rows[c : c + m] = rd.cell_array(fmt.ROW)[r.start : r.stop]
             store_index[c : c + m] = r.store
             for key in self.obs_keys:
                 remap = self.categories.remap[key][r.store]
                 if len(remap) > 1:
-                    rd.read(f"{fmt.OBS_GROUP}/{key}", r.start, r.stop, obs[key][c : c + m])
-                    obs[key][c : c + m] = remap[obs[key][c : c + m] + 1]
+                    codes = rd.cell_array(f"{fmt.OBS_GROUP}/{key}")[r.start : r.stop]
+                    obs[key][c : c + m] = remap[codes + 1]
                 else:
                     obs[key][c : c + m] = -1
             e, c = e + k, c + m
+        for finish in pending:
+            finish()
         stores = sorted({r.store for r in reads})
         var = (
             self.var_tokens(stores[0])

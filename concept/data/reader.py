@@ -31,7 +31,7 @@ class NotRaw(ValueError):
 class _FdCache:
     """A small LRU of open file descriptors (a store may have hundreds of shard files)."""
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 256):
         self.size, self.fds = size, OrderedDict()
 
     def get(self, path: str) -> int:
@@ -59,8 +59,9 @@ class RawArray:
         self.fill = meta.get("fill_value", 0)
         self.outer = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
         enc = meta["chunk_key_encoding"]
-        self.sep = enc.get("configuration", {}).get("separator", "/")
-        self.prefix = "c" + self.sep if enc["name"] == "default" else ""
+        sep = enc.get("configuration", {}).get("separator", "/")
+        # chunk k lives at base + str(k): built once, not per read
+        self.base = f"{path}/{'c' + sep if enc['name'] == 'default' else ''}"
         codecs = meta["codecs"]
 
         def plain(chain: list[dict]) -> bool:  # bytes codec only (endian may be omitted)
@@ -81,7 +82,7 @@ class RawArray:
             raise NotRaw(f"{path}: codecs {[c['name'] for c in codecs]}")
 
     def _file(self, k: int) -> str:
-        return str(self.path / f"{self.prefix}{k}")
+        return self.base + str(k)
 
     def _shard_index(self, k: int) -> np.ndarray | None:
         """(n_inner, 2) offsets/lengths of shard k's inner chunks; None if the shard is absent."""
@@ -133,6 +134,10 @@ class RawArray:
                 raise OSError(f"{self._file(k)}: short read ({got} of {b - a} bytes)")
 
 
+def _done() -> None:
+    return None
+
+
 class StoreReader:
     """Reads contiguous ranges of one store's arrays.
 
@@ -153,6 +158,7 @@ class StoreReader:
         if mode == "auto":
             self.mode = "raw" if self.attrs["settings"].get("compressor") is None else "tensorstore"
         self._arrays: dict[str, object] = {}
+        self._cells: dict[str, np.ndarray] = {}
         self._fds = _FdCache()
         self._pid = os.getpid()
 
@@ -180,17 +186,44 @@ class StoreReader:
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Elements ``[start, stop)`` of array ``name`` (into ``out`` when given)."""
-        arr = self._array(name)
         if out is None:
             out = np.empty(stop - start, dtype=self.dtype(name))
-        elif out.dtype != self.dtype(name):  # e.g. a batch widened to a common dtype
-            out[...] = self.read(name, start, stop)
-            return out
+        self.submit(name, start, stop, out)()
+        return out
+
+    def submit(self, name: str, start: int, stop: int, out: np.ndarray):
+        """Start reading ``[start, stop)`` into ``out``; returns a call that completes it.
+
+        Raw reads finish at once; tensorstore reads run concurrently until completed, so a
+        batch issues all its reads before waiting on any.
+        """
+        arr = self._array(name)
+        if out.dtype != self.dtype(name):  # e.g. a batch widened to a common dtype
+            tmp = np.empty(stop - start, dtype=self.dtype(name))
+            done = self.submit(name, start, stop, tmp)
+
+            def widen() -> None:
+                done()
+                out[...] = tmp
+
+            return widen
         if self.mode == "raw":
             arr.read_into(start, stop, out)
-        else:
-            out[...] = arr[start:stop].read().result()
-        return out
+            return _done
+        future = arr[start:stop].read()
+
+        def finish() -> None:
+            out[...] = future.result()
+
+        return finish
+
+    def cell_array(self, name: str) -> np.ndarray:
+        """A whole per-cell array, read once and kept (a few bytes per cell): batches take
+        slices of it instead of issuing tiny reads."""
+        if name not in self._cells:
+            n = self.n_cells + 1 if name == fmt.INDPTR else self.n_cells
+            self._cells[name] = self.read(name, 0, n)
+        return self._cells[name]
 
     def close(self) -> None:
         self._fds.close()

@@ -1,0 +1,602 @@
+"""Held-out evaluation of a checkpoint beside an HVG+PCA baseline computed on the same cells.
+
+``python -m concept.evaluate checkpoint=RUN_DIR`` (or ``checkpoint=latest
+PATH.PROJECT_PATH=P``) prints one table (rows: metrics; columns: model, baseline), writes
+it as ``evaluation.json`` and ``evaluation.md`` into the run folder and draws
+``evaluation.png``: the cells in 2-D, coloured by cell type and by dataset, the model
+beside the baseline.
+
+Which files
+    By default the run config's splits: *query* = their ``val`` files (held out from
+    training), *reference* = their ``train`` files. ``query=[...]`` and
+    ``reference=[...]`` name the files instead (``query`` alone keeps the run's train files
+    as reference); ``inputs=[...]`` evaluates leave-one-dataset-out: each file in turn is
+    the query and the others its reference, pooled over all files. At most
+    ``max_cells_per_file`` cells are drawn from each file (seeded).
+
+kNN cell-type transfer
+    Each query cell gets the majority label (``label_key``) of its ``knn_k`` nearest
+    reference cells of the same species (reference datasets -> query datasets, never a
+    split of cells of one dataset); accuracy and sklearn's macro-F1 are pooled over all
+    query cells with a label. A query label absent from the reference counts as an error.
+
+View retrieval recall@1, panel sizes ``panel_sizes``
+    The training validation's views: query cells are shuffled into batches of
+    ``view_batch_size`` (a remainder is dropped when at least one full batch exists);
+    each batch draws two disjoint random gene sets of P genes from the file's mapped genes
+    (:func:`~concept.data.views.plan_views`, ``panel_selection=random``), each cell's view
+    keeps its top ``max_tokens`` nonzero genes of the set, and recall@1 is the fraction of
+    views whose nearest view (cosine) in the batch is the other view of the same cell (both
+    directions). A size P with 2P above a file's mapped genes is left out (``n/a``).
+
+The baseline
+    log1p(CP10k) of the mapped genes (CP10k on each cell's total over all its genes).
+    kNN: the ``n_hvg`` genes of highest normalized dispersion on the reference cells
+    (Seurat flavour: variance/mean of CP10k, log, z-scored within 20 bins of mean
+    expression), centred and reduced to ``n_pcs`` components by PCA fitted on the
+    reference; kNN in that space. Views: random panels barely meet 2,000 HVGs, so a
+    second PCA (same preprocessing, every gene expressed in the reference, fitted on at
+    most ``pca_fit_cells`` reference cells) is used, and each view is projected with
+    the loadings of its own genes only, the other genes held at the reference mean; the
+    baseline sees every gene of a view, the model its top ``max_tokens``.
+
+The picture shows the cells of the first query file's species: the model's embedding and
+the baseline's HVG+PCA (fitted on the shown cells' files), each in 2-D by t-SNE (``plot=
+tsne``) or PCA (``plot=pca``), at most ``plot_cells`` cells.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from concept import losses
+from concept.config import ConfigError
+from concept.data.views import ViewSpec, plan_views
+from concept.embed import Embedder, EmbedOptions, hydra_entry
+from concept.splits import configured_files
+from concept.tokenize import TokenizedBlock, normalize
+
+log = logging.getLogger("concept.evaluate")
+MISSING = "(missing)"  # label of cells without one, in the picture
+
+
+@dataclass
+class EvaluateConfig(EmbedOptions):
+    """``python -m concept.evaluate`` (``conf/evaluate.yaml``)."""
+
+    inputs: list[str] | None = None
+    reference: list[str] | None = None
+    query: list[str] | None = None
+    label_key: str = "cell_type"
+    knn_k: int = 15
+    panel_sizes: list[int] = field(default_factory=lambda: [200, 800, 6400])
+    view_batch_size: int = 256
+    max_cells_per_file: int = 5000
+    n_hvg: int = 2000
+    n_pcs: int = 50
+    pca_fit_cells: int = 3000
+    plot: str = "tsne"
+    plot_cells: int = 3000
+    seed: int = 0
+    output_dir: str | None = None  # None: the run folder (else the checkpoint's folder)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.plot not in ("tsne", "pca"):
+            raise ConfigError(f"plot={self.plot!r}: expected tsne or pca")
+        if self.inputs and (self.reference or self.query):
+            raise ConfigError("inputs=[...] (leave-one-out) excludes reference=/query=")
+        if self.reference and not self.query:
+            raise ConfigError("reference=[...] needs query=[...]")
+        if self.inputs is not None and len(self.inputs) < 2:
+            raise ConfigError("inputs=[...] needs at least two files (leave-one-dataset-out)")
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def knn_predict(ref: np.ndarray, ref_labels: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    """Majority label of each query row's ``k`` nearest reference rows (Euclidean; on
+    L2-normalized embeddings the cosine order)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(ref)), algorithm="brute")
+    return clf.fit(ref, ref_labels).predict(query)
+
+
+def classification_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 (sklearn: over the labels in truth or prediction)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def view_recall(z1: np.ndarray, z2: np.ndarray) -> float:
+    """Recall@1 of matching the two views of each cell (cosine; both directions)."""
+    a = torch.nn.functional.normalize(torch.as_tensor(z1, dtype=torch.float32), dim=-1)
+    b = torch.nn.functional.normalize(torch.as_tensor(z2, dtype=torch.float32), dim=-1)
+    return float(losses.recall_at_k(a @ b.T, 1))
+
+
+# --- the baseline ---------------------------------------------------------------------------
+
+
+def log_cp10k(blk: TokenizedBlock, n_tokens: int) -> sp.csr_matrix:
+    """log1p(CP10k) of a block's cells, columns = tokens."""
+    counts = np.diff(blk.indptr)
+    values = normalize(blk.values, np.repeat(blk.total_counts, counts), "totalcount_log1p")
+    x = sp.csr_matrix(
+        (values.astype(np.float32), blk.tokens, blk.indptr), shape=(len(counts), n_tokens)
+    )
+    x.sort_indices()
+    return x
+
+
+def highly_variable(x: sp.csr_matrix, n_top: int, n_bins: int = 20) -> np.ndarray:
+    """Columns of the ``n_top`` highest normalized dispersions (ascending column order).
+
+    Seurat flavour on log1p(CP10k) input: dispersion = variance / mean of CP10k, logged,
+    then z-scored within ``n_bins`` equal-width bins of log1p(mean); a bin of one gene
+    (no spread) gives z = 0.
+    """
+    e = x.copy()
+    e.data = np.expm1(e.data)
+    n = e.shape[0]
+    mean = np.asarray(e.mean(0)).ravel()
+    var = (np.asarray(e.multiply(e).mean(0)).ravel() - mean**2) * n / max(n - 1, 1)
+    cols = np.flatnonzero((mean > 0) & (var > 0))
+    disp = np.log(var[cols] / mean[cols])
+    level = np.log1p(mean[cols])
+    edges = np.linspace(level.min(), level.max(), n_bins + 1)
+    b = np.clip(np.digitize(level, edges[1:-1]), 0, n_bins - 1)
+    size = np.bincount(b, minlength=n_bins)
+    mu = np.bincount(b, disp, n_bins) / np.maximum(size, 1)
+    sq = np.bincount(b, (disp - mu[b]) ** 2, n_bins)
+    sd = np.sqrt(sq / np.maximum(size - 1, 1))
+    z = np.where(sd[b] > 0, (disp - mu[b]) / np.where(sd[b] > 0, sd[b], 1), 0.0)
+    top = np.argsort(-z, kind="stable")[:n_top]
+    return np.sort(cols[top])
+
+
+class PcaBaseline:
+    """Centred PCA of chosen columns (genes) of log1p(CP10k), fitted on reference cells."""
+
+    def __init__(self, x: sp.csr_matrix, genes: np.ndarray, n_pcs: int, seed: int):
+        from sklearn.decomposition import PCA
+
+        self.genes = genes
+        xs = x[:, genes]
+        k = max(min(n_pcs, xs.shape[0] - 1, len(genes) - 1), 1)
+        # arpack centres sparse input implicitly (no dense copy) and is seeded
+        self.pca = PCA(k, svd_solver="arpack", random_state=seed).fit(xs)
+
+    def transform(self, x: sp.csr_matrix) -> np.ndarray:
+        return self.pca.transform(x[:, self.genes])
+
+    def project_view(self, x: sp.csr_matrix, view_genes: np.ndarray) -> np.ndarray:
+        """PC scores from a view's genes alone (the other genes at the reference mean)."""
+        pos = np.searchsorted(self.genes, view_genes)
+        known = (pos < len(self.genes)) & (
+            self.genes[np.minimum(pos, len(self.genes) - 1)] == view_genes
+        )
+        pos, cols = pos[known], view_genes[known]
+        w = self.pca.components_[:, pos].T  # (genes of the view, k)
+        return np.asarray(x[:, cols] @ w) - self.pca.mean_[pos] @ w
+
+
+# --- cells ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One input file and how to read it."""
+
+    path: str
+    species: str | None
+    x_source: str
+    gene_id_column: str | None
+    gene_symbols: bool
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name.removesuffix(".h5ad")
+
+
+@dataclass
+class Cells:
+    """The drawn cells of one file, tokenized, embedded and normalized for the baseline."""
+
+    spec: FileSpec
+    species: str
+    blk: TokenizedBlock
+    labels: np.ndarray  # object: label strings, None where missing
+    var_tokens: np.ndarray
+    n_total: int
+    model: np.ndarray  # (n, d) embeddings
+    x: sp.csr_matrix  # log1p(CP10k), columns = tokens
+
+
+def concat_blocks(blocks: list[TokenizedBlock]) -> TokenizedBlock:
+    """One block of the cells of several (in order)."""
+    offsets = np.cumsum([0] + [int(b.indptr[-1]) for b in blocks])
+    indptr = np.concatenate(
+        [[0]] + [b.indptr[1:] + o for b, o in zip(blocks, offsets, strict=False)]
+    )
+    return TokenizedBlock(
+        indptr,
+        np.concatenate([b.tokens for b in blocks]),
+        np.concatenate([b.values for b in blocks]),
+        np.concatenate([b.total_counts for b in blocks]),
+        np.concatenate([b.n_genes for b in blocks]),
+    )
+
+
+def load_cells(embedder: Embedder, spec: FileSpec, cfg: EvaluateConfig) -> Cells:
+    """Draw, tokenize and embed a file's cells (at most ``max_cells_per_file``)."""
+    from tqdm.auto import tqdm
+
+    file = embedder.open(
+        spec.path, spec.species, spec.gene_id_column, spec.gene_symbols, spec.x_source
+    )
+    with file.source as src:
+        n = src.n_cells
+        rows = None
+        if n > cfg.max_cells_per_file:
+            rows = np.sort(
+                np.random.default_rng(cfg.seed).choice(n, cfg.max_cells_per_file, replace=False)
+            )
+        blk = concat_blocks([b for _, b in embedder.blocks(file, cfg.rows_per_read, rows)])
+        obs = src.obs_column(cfg.label_key)
+    labels = np.full(n, None, dtype=object)
+    if obs is None:
+        log.warning("%s: no obs column %r: no kNN labels", spec.path, cfg.label_key)
+    else:
+        codes, cats = obs
+        labels[codes >= 0] = np.asarray(cats, dtype=object)[codes[codes >= 0]]
+    labels = labels if rows is None else labels[rows]
+    with tqdm(total=len(labels), unit="cell", desc=spec.name, disable=not cfg.progress) as bar:
+        model = embedder.embed_block(blk, file.species, bar)
+    n_tokens = embedder.mappings[file.species].size
+    return Cells(
+        spec, file.species, blk, labels, file.var_tokens, n, model, log_cp10k(blk, n_tokens)
+    )
+
+
+def plan_folds(
+    cfg: EvaluateConfig, embedder: Embedder
+) -> list[tuple[list[FileSpec], list[FileSpec]]]:
+    """``(reference files, query files)`` of each fold (see the module docstring)."""
+
+    def explicit(paths: list[str]) -> list[FileSpec]:
+        return [
+            FileSpec(
+                str(Path(p).absolute()),
+                cfg.species,
+                cfg.x_source or "auto",
+                cfg.gene_id_column,
+                cfg.gene_symbols,
+            )
+            for p in paths
+        ]
+
+    if cfg.inputs:
+        files = explicit(cfg.inputs)
+        return [([f for f in files if f != q], [q]) for q in files]
+    rc = embedder.run_config
+    split: dict[str, list[FileSpec]] = {"train": [], "val": []}
+    if rc is not None:
+        for f in configured_files(rc):
+            split[f.section].append(
+                FileSpec(
+                    str(f.path),
+                    cfg.species or f.species,
+                    cfg.x_source or rc.compile.x_source,
+                    cfg.gene_id_column or rc.compile.var_column,
+                    cfg.gene_symbols,
+                )
+            )
+    if cfg.query:
+        reference = explicit(cfg.reference) if cfg.reference else split["train"]
+        if not reference:
+            raise ConfigError(
+                "query=[...] without reference=[...] needs a run config with train files"
+            )
+        return [(reference, explicit(cfg.query))]
+    if not split["val"] or not split["train"]:
+        where = (
+            f"{embedder.run_dir}/config.yaml" if rc else f"{embedder.checkpoint} (no run config)"
+        )
+        raise ConfigError(f"{where} names no train and val files: pass inputs=[...] or query=[...]")
+    return [(split["train"], split["val"])]
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def _labelled(cells: list[Cells], what) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with a label of the cells' ``what`` (embedding), and those labels."""
+    x = np.concatenate([what(c) for c in cells])
+    y = np.concatenate([c.labels for c in cells])
+    keep = np.array([v is not None for v in y], bool)
+    return x[keep], y[keep].astype(str)
+
+
+def _views(
+    embedder: Embedder, cells: Cells, size: int, base: PcaBaseline | None, cfg: EvaluateConfig
+):
+    """Summed recall@1 (model, baseline) and cells over the batches of one file, or None."""
+    if 2 * size > len(cells.var_tokens):
+        return None
+    n = len(cells.labels)
+    order = np.random.default_rng([cfg.seed, size]).permutation(n)
+    bs = cfg.view_batch_size
+    spec = ViewSpec(
+        max_tokens=embedder.max_tokens,
+        panel_selection="random",
+        panel_size_min=size,
+        panel_size_max=size,
+        gene_sampling_strategy="top-nonzero",
+        normalization=embedder.normalization,
+        train=False,
+        seed=cfg.seed,
+    )
+    vocab = embedder.mappings[cells.species].size
+    model = baseline = 0.0
+    n_used = 0
+    for i in range(max(n // bs, 1)):
+        rows = order[i * bs : (i + 1) * bs]
+        batch = embedder.packed(cells.blk, rows, cells.species, cells.var_tokens, index=i)
+        batch.views = plan_views(batch, spec, vocab)
+        z = embedder.encode(batch)
+        m = len(rows)
+        model += view_recall(z[:m], z[m:]) * m
+        if base is not None:
+            g1, g2 = batch.views.gene_sets
+            x = cells.x[rows]
+            baseline += view_recall(base.project_view(x, g1), base.project_view(x, g2)) * m
+        n_used += m
+    return model, baseline if base is not None else math.nan, n_used
+
+
+def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
+    """Compute the metrics, write ``evaluation.{json,md,png}`` and return the report."""
+    embedder = embedder or Embedder(
+        cfg.checkpoint,
+        cfg.checkpoint_root,
+        cfg.gene_mappings,
+        cfg.max_tokens,
+        cfg.batch_size,
+        cfg.max_batch_tokens,
+        cfg.device,
+    )
+    folds = plan_folds(cfg, embedder)
+    loaded: dict[FileSpec, Cells] = {}
+    for ref, query in folds:
+        for spec in [*query, *ref]:
+            if spec not in loaded:
+                loaded[spec] = load_cells(embedder, spec, cfg)
+
+    knn = {"model": ([], []), "baseline": ([], [])}  # truth and predictions
+    views = {p: np.zeros(4) for p in cfg.panel_sizes}  # model, baseline, cells, 1/batch sum
+    roles: dict[FileSpec, set[str]] = {s: set() for s in loaded}
+    for ref, query in folds:
+        for spec in ref:
+            roles[spec].add("reference")
+        for spec in query:
+            roles[spec].add("query")
+        for species in sorted({loaded[s].species for s in query}):
+            q = [loaded[s] for s in query if loaded[s].species == species]
+            r = [loaded[s] for s in ref if loaded[s].species == species]
+            full = None
+            if r:
+                x_ref = sp.vstack([c.x for c in r]).tocsr()
+                fit = x_ref
+                if x_ref.shape[0] > cfg.pca_fit_cells:
+                    pick = np.random.default_rng(cfg.seed).choice(
+                        x_ref.shape[0], cfg.pca_fit_cells, replace=False
+                    )
+                    fit = x_ref[np.sort(pick)]
+                full = PcaBaseline(
+                    fit, np.flatnonzero(np.asarray(fit.sum(0)).ravel() > 0), cfg.n_pcs, cfg.seed
+                )
+                _knn(knn, r, q, x_ref, cfg)
+            else:
+                log.warning(
+                    "no %s reference file: kNN skipped for %s", species, [c.spec.name for c in q]
+                )
+            for c in q:
+                for size in cfg.panel_sizes:
+                    out = _views(embedder, c, size, full, cfg)
+                    if out is not None:
+                        views[size] += [
+                            out[0],
+                            out[1],
+                            out[2],
+                            out[2] / max(min(cfg.view_batch_size, len(c.labels)), 1),
+                        ]
+
+    metrics, chance = {}, {}
+    key = cfg.label_key
+    for col, (truth, pred) in knn.items():
+        scores = classification_scores(np.concatenate(truth), np.concatenate(pred)) if truth else {}
+        for name in ("accuracy", "macro_f1"):
+            metrics.setdefault(f"knn_{name}_{key}", {})[col] = scores.get(name)
+    for size, (m, b, n, inv) in views.items():
+        name = f"view_recall@1_P{size}"
+        metrics[name] = {
+            "model": m / n if n else None,
+            "baseline": b / n if n and not math.isnan(b) else None,
+        }
+        chance[name] = inv / n if n else None
+    report = {
+        "checkpoint": str(embedder.checkpoint),
+        "max_tokens": embedder.max_tokens,
+        "metrics": metrics,
+        "chance": chance,
+        "files": [
+            {
+                "path": s.path,
+                "species": c.species,
+                "role": "+".join(sorted(roles[s])),
+                "cells": len(c.labels),
+                "cells_in_file": c.n_total,
+            }
+            for s, c in loaded.items()
+        ],
+        "settings": {
+            k: v
+            for k, v in asdict(cfg).items()
+            if k
+            in (
+                "label_key",
+                "knn_k",
+                "panel_sizes",
+                "view_batch_size",
+                "max_cells_per_file",
+                "n_hvg",
+                "n_pcs",
+                "pca_fit_cells",
+                "seed",
+            )
+        },
+    }
+    out_dir = Path(cfg.output_dir or embedder.run_dir or embedder.checkpoint.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["picture"] = str(out_dir / "evaluation.png")
+    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "evaluation.md").write_text(markdown(report))
+    first_query = folds[0][1][0]
+    shown = [c for c in loaded.values() if c.species == loaded[first_query].species]
+    draw(shown, cfg, Path(report["picture"]))
+    return report
+
+
+def _knn(
+    knn: dict, ref: list[Cells], query: list[Cells], x_ref: sp.csr_matrix, cfg: EvaluateConfig
+) -> None:
+    """Add one species' kNN predictions (model and baseline) to ``knn``."""
+    base = PcaBaseline(x_ref, highly_variable(x_ref, cfg.n_hvg), cfg.n_pcs, cfg.seed)
+    for col, what in (("model", lambda c: c.model), ("baseline", lambda c: base.transform(c.x))):
+        ref_x, ref_y = _labelled(ref, what)
+        q_x, q_y = _labelled(query, what)
+        if len(ref_y) and len(q_y):
+            knn[col][0].append(q_y)
+            knn[col][1].append(knn_predict(ref_x, ref_y, q_x, cfg.knn_k))
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def table(report: dict) -> str:
+    """The metrics as an aligned text table."""
+    rows = [("metric", "model", "baseline")]
+    rows += [(k, _fmt(v["model"]), _fmt(v["baseline"])) for k, v in report["metrics"].items()]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows)
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown: the table, the chance levels and the files."""
+    lines = ["# Evaluation", "", f"checkpoint: `{report['checkpoint']}`", ""]
+    lines += ["| metric | model | baseline |", "| --- | ---: | ---: |"]
+    lines += [
+        f"| {k} | {_fmt(v['model'])} | {_fmt(v['baseline'])} |"
+        for k, v in report["metrics"].items()
+    ]
+    lines += [
+        "",
+        "Chance recall@1 (1 / cells per batch): "
+        + ", ".join(f"{k}: {_fmt(v)}" for k, v in report["chance"].items()),
+    ]
+    lines += [
+        "",
+        "Baseline: log1p(CP10k) -> 2,000 HVGs -> PCA(50) for kNN; all reference-expressed genes -> PCA(50), each view projected with its own genes' loadings, for view retrieval.",
+        "",
+    ]
+    lines += ["| file | species | role | cells |", "| --- | --- | --- | ---: |"]
+    lines += [
+        f"| {Path(f['path']).name} | {f['species']} | {f['role']} | {f['cells']} of {f['cells_in_file']} |"
+        for f in report["files"]
+    ]
+    lines += ["", f"![embeddings]({Path(report['picture']).name})", ""]
+    return "\n".join(lines)
+
+
+def _to_2d(x: np.ndarray, method: str, seed: int) -> np.ndarray:
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(2, random_state=seed).fit_transform(x)
+    from sklearn.manifold import TSNE
+
+    return TSNE(
+        2, init="pca", random_state=seed, perplexity=min(30.0, max(len(x) - 1, 1) / 3)
+    ).fit_transform(x)
+
+
+def draw(cells: list[Cells], cfg: EvaluateConfig, path: Path) -> None:
+    """Model and baseline in 2-D, coloured by cell type and by dataset (2 x 2 panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_all = sp.vstack([c.x for c in cells]).tocsr()
+    base = PcaBaseline(x_all, highly_variable(x_all, cfg.n_hvg), cfg.n_pcs, cfg.seed)
+    labels = np.array([MISSING if v is None else v for c in cells for v in c.labels], dtype=object)
+    datasets = np.concatenate([[c.spec.name] * len(c.labels) for c in cells]).astype(object)
+    n = len(labels)
+    pick = np.sort(np.random.default_rng(cfg.seed).permutation(n)[: cfg.plot_cells])
+    spaces = {
+        "model": np.concatenate([c.model for c in cells])[pick],
+        "HVG+PCA baseline": base.transform(x_all[pick]),
+    }
+    fig, axes = plt.subplots(2, 2, figsize=(14, 11))
+    for row, (title, x) in enumerate(spaces.items()):
+        xy = _to_2d(x, cfg.plot, cfg.seed)
+        for col, (what, values) in enumerate(
+            ((cfg.label_key, labels[pick]), ("dataset", datasets[pick]))
+        ):
+            ax = axes[row, col]
+            cats = sorted(set(values))
+            cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
+            for i, cat in enumerate(cats):
+                m = values == cat
+                color = "lightgrey" if cat == MISSING else cmap(i % cmap.N)
+                ax.scatter(xy[m, 0], xy[m, 1], s=4, color=color, label=cat, rasterized=True)
+            ax.set_title(f"{title}: {what} ({cfg.plot})")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: EvaluateConfig) -> int:
+    report = evaluate(cfg)
+    print(table(report))
+    print(f"picture: {report['picture']}")
+    return 0
+
+
+main = hydra_entry("evaluate", EvaluateConfig, run)
+
+if __name__ == "__main__":
+    main()
