@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from concept.data.views import Panels, ViewSpec, make_planner
 from concept.splits import SplitFile, train_files, val_files
 from concept.store import BYTE_SETTINGS, expected_attrs, stale_reason, store_path
 from concept.vocab import TokenMapping, panel_files, read_token_mapping
+
+log = logging.getLogger(__name__)
 
 
 class StaleStoreError(FileNotFoundError):
@@ -134,7 +137,7 @@ class TokenDataModule(L.LightningDataModule):
                 f"within_group_sampling={group!r}: compiled stores group by file ('dataset') or "
                 "not at all (null)"
             )
-        return TokenLoader(
+        loader = TokenLoader(
             paths,
             batch_size=loader_cfg.batch_size,
             block_size=self.cfg.datamodule.loader.block_size,
@@ -152,6 +155,13 @@ class TokenDataModule(L.LightningDataModule):
             pin_memory=loader_cfg.pin_memory,
             plan_views=make_planner(spec, self.vocab, panels),
         )
+        for i in loader.sampler.dropped_stores:
+            log.warning(
+                "%s: fewer cells than one batch (%d): not sampled", paths[i], loader_cfg.batch_size
+            )
+        if len(loader) == 0:
+            log.warning("a loader over %d stores yields no batch: lower its batch_size", len(paths))
+        return loader
 
     def train_dataloader(self) -> TokenLoader:
         dm = self.cfg.datamodule

@@ -66,6 +66,17 @@ from concept.tokenize import TokenizedBlock, normalize
 
 log = logging.getLogger("concept.evaluate")
 MISSING = "(missing)"  # label of cells without one, in the picture
+REPORTED_SETTINGS = (
+    "label_key",
+    "knn_k",
+    "panel_sizes",
+    "view_batch_size",
+    "max_cells_per_file",
+    "n_hvg",
+    "n_pcs",
+    "pca_fit_cells",
+    "seed",
+)
 
 
 @dataclass
@@ -334,8 +345,9 @@ def _labelled(cells: list[Cells], what) -> tuple[np.ndarray, np.ndarray]:
 
 def _views(
     embedder: Embedder, cells: Cells, size: int, base: PcaBaseline | None, cfg: EvaluateConfig
-):
-    """Summed recall@1 (model, baseline) and cells over the batches of one file, or None."""
+) -> np.ndarray | None:
+    """Over the batches of one file: summed recall@1 of the model and of the baseline (NaN
+    without one), cells, and cells / batch size (for chance); None if the size does not fit."""
     if 2 * size > len(cells.var_tokens):
         return None
     n = len(cells.labels)
@@ -352,21 +364,55 @@ def _views(
         seed=cfg.seed,
     )
     vocab = embedder.mappings[cells.species].size
-    model = baseline = 0.0
-    n_used = 0
+    out = np.zeros(4)
     for i in range(max(n // bs, 1)):
         rows = order[i * bs : (i + 1) * bs]
         batch = embedder.packed(cells.blk, rows, cells.species, cells.var_tokens, index=i)
         batch.views = plan_views(batch, spec, vocab)
         z = embedder.encode(batch)
         m = len(rows)
-        model += view_recall(z[:m], z[m:]) * m
-        if base is not None:
+        out[0] += view_recall(z[:m], z[m:]) * m
+        if base is None:
+            out[1] = math.nan
+        else:
             g1, g2 = batch.views.gene_sets
             x = cells.x[rows]
-            baseline += view_recall(base.project_view(x, g1), base.project_view(x, g2)) * m
-        n_used += m
-    return model, baseline if base is not None else math.nan, n_used
+            out[1] += view_recall(base.project_view(x, g1), base.project_view(x, g2)) * m
+        out[2:] += m, 1.0
+    return out
+
+
+def _species_metrics(
+    embedder: Embedder, ref: list[Cells], query: list[Cells], cfg: EvaluateConfig, knn, views
+) -> None:
+    """Add one fold's kNN predictions and view sums for one species to ``knn`` and ``views``."""
+    full = None
+    if ref:
+        x_ref = sp.vstack([c.x for c in ref]).tocsr()
+        fit = x_ref
+        if x_ref.shape[0] > cfg.pca_fit_cells:
+            pick = np.random.default_rng(cfg.seed).choice(
+                x_ref.shape[0], cfg.pca_fit_cells, replace=False
+            )
+            fit = x_ref[np.sort(pick)]
+        expressed = np.flatnonzero(np.asarray(fit.sum(0)).ravel() > 0)
+        full = PcaBaseline(fit, expressed, cfg.n_pcs, cfg.seed)
+        hvg = PcaBaseline(x_ref, highly_variable(x_ref, cfg.n_hvg), cfg.n_pcs, cfg.seed)
+        for col, what in (("model", lambda c: c.model), ("baseline", lambda c: hvg.transform(c.x))):
+            ref_x, ref_y = _labelled(ref, what)
+            q_x, q_y = _labelled(query, what)
+            if len(ref_y) and len(q_y):
+                knn[col][0].append(q_y)
+                knn[col][1].append(knn_predict(ref_x, ref_y, q_x, cfg.knn_k))
+    else:
+        log.warning(
+            "no reference file of the species: kNN skipped for %s", [c.spec.name for c in query]
+        )
+    for c in query:
+        for size in cfg.panel_sizes:
+            out = _views(embedder, c, size, full, cfg)
+            if out is not None:
+                views[size] += out
 
 
 def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
@@ -388,7 +434,7 @@ def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
                 loaded[spec] = load_cells(embedder, spec, cfg)
 
     knn = {"model": ([], []), "baseline": ([], [])}  # truth and predictions
-    views = {p: np.zeros(4) for p in cfg.panel_sizes}  # model, baseline, cells, 1/batch sum
+    views = {p: np.zeros(4) for p in cfg.panel_sizes}  # see _views
     roles: dict[FileSpec, set[str]] = {s: set() for s in loaded}
     for ref, query in folds:
         for spec in ref:
@@ -396,35 +442,9 @@ def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
         for spec in query:
             roles[spec].add("query")
         for species in sorted({loaded[s].species for s in query}):
-            q = [loaded[s] for s in query if loaded[s].species == species]
             r = [loaded[s] for s in ref if loaded[s].species == species]
-            full = None
-            if r:
-                x_ref = sp.vstack([c.x for c in r]).tocsr()
-                fit = x_ref
-                if x_ref.shape[0] > cfg.pca_fit_cells:
-                    pick = np.random.default_rng(cfg.seed).choice(
-                        x_ref.shape[0], cfg.pca_fit_cells, replace=False
-                    )
-                    fit = x_ref[np.sort(pick)]
-                full = PcaBaseline(
-                    fit, np.flatnonzero(np.asarray(fit.sum(0)).ravel() > 0), cfg.n_pcs, cfg.seed
-                )
-                _knn(knn, r, q, x_ref, cfg)
-            else:
-                log.warning(
-                    "no %s reference file: kNN skipped for %s", species, [c.spec.name for c in q]
-                )
-            for c in q:
-                for size in cfg.panel_sizes:
-                    out = _views(embedder, c, size, full, cfg)
-                    if out is not None:
-                        views[size] += [
-                            out[0],
-                            out[1],
-                            out[2],
-                            out[2] / max(min(cfg.view_batch_size, len(c.labels)), 1),
-                        ]
+            q = [loaded[s] for s in query if loaded[s].species == species]
+            _species_metrics(embedder, r, q, cfg, knn, views)
 
     metrics, chance = {}, {}
     key = cfg.label_key
@@ -432,13 +452,13 @@ def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
         scores = classification_scores(np.concatenate(truth), np.concatenate(pred)) if truth else {}
         for name in ("accuracy", "macro_f1"):
             metrics.setdefault(f"knn_{name}_{key}", {})[col] = scores.get(name)
-    for size, (m, b, n, inv) in views.items():
+    for size, (m, b, n, batches) in views.items():
         name = f"view_recall@1_P{size}"
         metrics[name] = {
-            "model": m / n if n else None,
-            "baseline": b / n if n and not math.isnan(b) else None,
+            "model": float(m / n) if n else None,
+            "baseline": float(b / n) if n and not math.isnan(b) else None,
         }
-        chance[name] = inv / n if n else None
+        chance[name] = float(batches / n) if n else None  # 1 / cells per batch, on average
     report = {
         "checkpoint": str(embedder.checkpoint),
         "max_tokens": embedder.max_tokens,
@@ -454,22 +474,7 @@ def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
             }
             for s, c in loaded.items()
         ],
-        "settings": {
-            k: v
-            for k, v in asdict(cfg).items()
-            if k
-            in (
-                "label_key",
-                "knn_k",
-                "panel_sizes",
-                "view_batch_size",
-                "max_cells_per_file",
-                "n_hvg",
-                "n_pcs",
-                "pca_fit_cells",
-                "seed",
-            )
-        },
+        "settings": {k: v for k, v in asdict(cfg).items() if k in REPORTED_SETTINGS},
     }
     out_dir = Path(cfg.output_dir or embedder.run_dir or embedder.checkpoint.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -480,19 +485,6 @@ def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
     shown = [c for c in loaded.values() if c.species == loaded[first_query].species]
     draw(shown, cfg, Path(report["picture"]))
     return report
-
-
-def _knn(
-    knn: dict, ref: list[Cells], query: list[Cells], x_ref: sp.csr_matrix, cfg: EvaluateConfig
-) -> None:
-    """Add one species' kNN predictions (model and baseline) to ``knn``."""
-    base = PcaBaseline(x_ref, highly_variable(x_ref, cfg.n_hvg), cfg.n_pcs, cfg.seed)
-    for col, what in (("model", lambda c: c.model), ("baseline", lambda c: base.transform(c.x))):
-        ref_x, ref_y = _labelled(ref, what)
-        q_x, q_y = _labelled(query, what)
-        if len(ref_y) and len(q_y):
-            knn[col][0].append(q_y)
-            knn[col][1].append(knn_predict(ref_x, ref_y, q_x, cfg.knn_k))
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -523,9 +515,17 @@ def markdown(report: dict) -> str:
         "Chance recall@1 (1 / cells per batch): "
         + ", ".join(f"{k}: {_fmt(v)}" for k, v in report["chance"].items()),
     ]
+    st = report["settings"]
     lines += [
         "",
-        "Baseline: log1p(CP10k) -> 2,000 HVGs -> PCA(50) for kNN; all reference-expressed genes -> PCA(50), each view projected with its own genes' loadings, for view retrieval.",
+        f"kNN: k={st['knn_k']}, `{st['label_key']}` transferred from the reference files to the "
+        f"query files. View retrieval: batches of {st['view_batch_size']} cells, two disjoint "
+        f"random panels per batch, the model's views keep their top {report['max_tokens']} "
+        "genes.",
+        "",
+        f"Baseline: log1p(CP10k) -> {st['n_hvg']} HVGs -> PCA({st['n_pcs']}) fitted on the "
+        "reference, for kNN; for view retrieval, PCA of every reference-expressed gene, each "
+        "view projected with its own genes' loadings (the other genes at the reference mean).",
         "",
     ]
     lines += ["| file | species | role | cells |", "| --- | --- | --- | ---: |"]
