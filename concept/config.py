@@ -308,7 +308,7 @@ class Config:
     splits: dict[str, Any] = field(default_factory=dict)
 
 
-def _suggest(err: ConfigKeyError) -> str:
+def suggest(err: ConfigKeyError) -> str:
     """Name the close matches of an unknown key, from the schema at that level."""
     key = getattr(err, "key", None)
     parent = getattr(err, "object_type", None)
@@ -318,18 +318,8 @@ def _suggest(err: ConfigKeyError) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def validate(cfg: DictConfig | dict) -> Config:
-    """Resolve a composed config and check it against the schema.
-
-    Parameters
-    ----------
-    cfg
-        The config Hydra composed (the ``hydra`` node, if any, is ignored).
-
-    Returns
-    -------
-    Config
-        Typed, resolved configuration.
+def validate_schema(cfg: DictConfig | dict, schema: type):
+    """Resolve a config and merge it into the dataclass ``schema`` (strict).
 
     Raises
     ------
@@ -344,19 +334,25 @@ def validate(cfg: DictConfig | dict) -> Config:
         raise ConfigError(
             f"missing value for {key}: pass it on the command line, e.g. {key}=..."
         ) from None
-    plain = dict(plain)
-    plain.pop("hydra", None)
-    dm = dict(plain.get("datamodule", {}))
-    mounted = {k: dm.pop(k) for k in list(dm) if k.startswith("split_")}
-    plain["splits"] = {**plain.get("splits", {}), **mounted}  # asdict(Config) round-trips
-    plain["datamodule"] = dm
+    plain = {k: v for k, v in dict(plain).items() if k != "hydra"}
+    if schema is Config:  # split dicts mounted under datamodule.split_<name>: any name
+        dm = dict(plain.get("datamodule", {}))
+        mounted = {k: dm.pop(k) for k in list(dm) if k.startswith("split_")}
+        plain["splits"] = {**plain.get("splits", {}), **mounted}  # asdict(Config) round-trips
+        plain["datamodule"] = dm
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing value for {e.full_key}: pass it on the command line") from None
     except ConfigKeyError as e:
-        raise ConfigError(f"unknown config key {e.full_key!r}{_suggest(e)}") from None
+        raise ConfigError(f"unknown config key {e.full_key!r}{suggest(e)}") from None
     except ValidationError as e:
         raise ConfigError(f"bad value for {e.full_key!r}: {e.msg.splitlines()[0]}") from None
+
+
+def validate(cfg: DictConfig | dict) -> Config:
+    """Resolve a composed ``conf/config.yaml`` and check it against :class:`Config`."""
+    return validate_schema(cfg, Config)
 
 
 def compose(overrides: list[str] | None = None, config_dir: str | Path | None = None) -> DictConfig:

@@ -25,32 +25,31 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import (
-    ConfigKeyError,
-    InterpolationToMissingValueError,
-    MissingMandatoryValue,
-    ValidationError,
-)
+from omegaconf import MISSING, OmegaConf
 
-from concept.config import CONF_DIR, Config, ConfigError, _suggest, validate
+from concept.cli import entry_point
+from concept.config import Config, ConfigError, validate, validate_schema
 from concept.data.batch import PackedBatch
 from concept.data.views import ViewPlan, Views, build_views
 from concept.h5ad import H5adSource
-from concept.tokenize import TokenizedBlock, normalize, tokenize_csr
+from concept.tokenize import (
+    TokenizedBlock,
+    drop_duplicate_columns,
+    gather_cells,
+    normalize,
+    tokenize_csr,
+)
 from concept.vocab import InputError, TokenMapping, read_token_mapping
-from preprocess.compiler import _column_tokens, _gather
 
 if TYPE_CHECKING:
     import anndata
@@ -58,7 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("concept.embed")
 OBSM_KEY = "X_concept"
 DEFAULT_MAX_TOKENS = 1000  # the reference's inference default, for checkpoints without a run config
-T = TypeVar("T")
 
 
 # --- configuration ----------------------------------------------------------------------
@@ -116,50 +114,6 @@ class EmbedConfig(EmbedOptions):
 
     input: str = MISSING
     output: str = MISSING
-
-
-def load_options(raw: DictConfig | dict, schema: type[T]) -> T:
-    """Resolve a Hydra config and check it against ``schema`` (unknown key: an error).
-
-    Raises
-    ------
-    ConfigError
-        A mandatory value is missing, a key is unknown or a value has the wrong type.
-    """
-    try:
-        plain = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
-        plain = {k: v for k, v in dict(plain).items() if k != "hydra"}
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
-    except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
-        key = e.full_key or str(e).split(":")[-1].strip()
-        raise ConfigError(
-            f"missing value for {key}: pass it on the command line, e.g. {key}=..."
-        ) from None
-    except ConfigKeyError as e:
-        raise ConfigError(f"unknown config key {e.full_key!r}{_suggest(e)}") from None
-    except ValidationError as e:
-        raise ConfigError(f"bad value for {e.full_key!r}: {e.msg.splitlines()[0]}") from None
-
-
-def hydra_entry(config_name: str, schema: type[T], run) -> Any:
-    """``run(options) -> exit code`` as a Hydra command line on ``conf/<config_name>.yaml``;
-    user errors become one line on stderr and exit code 2."""
-    import hydra
-
-    from concept.cli import USER_ERRORS
-
-    @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)
-    def _main(raw) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        try:
-            code = run(load_options(raw, schema))
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            code = 2
-        if code:
-            sys.exit(code)
-
-    return _main
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -312,7 +266,7 @@ class Embedder:
         module.net.set_backend(self.device)
         self.net = module.net
         # validation's rule: add the learnable residual tables whenever training used them
-        self.add_learnable = module._add_learnable(validating=True)
+        self.add_learnable = module.inference_add_learnable
         self.normalization = module.normalization  # datamodule.normalization, applied per cell
         rc = self.run_config
         # values as the stores held them (compile.normalization), before the model's own
@@ -372,8 +326,9 @@ class Embedder:
                 )
             mapping = self.mappings[species]
             # the compiler's rule; symbols go through the mapping's gene_name column
-            lookup = SimpleNamespace(tokens_of=mapping.tokens_of_names) if gene_symbols else mapping
-            col_tokens, _ = _column_tokens(src, lookup, gene_id_column)
+            lookup = mapping.tokens_of_names if gene_symbols else mapping.tokens_of
+            col_tokens = lookup(src.var_ids(gene_id_column))
+            drop_duplicate_columns(col_tokens)
             if not (col_tokens >= 0).any():
                 raise InputError(f"{path}: no gene overlaps the {species} vocabulary")
         except BaseException:
@@ -412,7 +367,7 @@ class Embedder:
         index: int = 0,
     ) -> PackedBatch:
         """A host batch of ``cells`` of a block, values as the stores hold them."""
-        idx = _gather(blk.indptr, cells)
+        idx = gather_cells(blk.indptr, cells)
         counts = np.diff(blk.indptr)[cells]
         cu = np.zeros(len(cells) + 1, np.int32)
         np.cumsum(counts, out=cu[1:])
@@ -646,7 +601,7 @@ def run(cfg: EmbedConfig) -> int:
     return 0
 
 
-main = hydra_entry("embed", EmbedConfig, run)
+main = entry_point(run, "embed", partial(validate_schema, schema=EmbedConfig))
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,10 @@ import scipy.sparse as sp
 import torch
 
 from concept import losses
-from concept.config import ConfigError
+from concept.cli import entry_point
+from concept.config import ConfigError, validate_schema
 from concept.data.views import ViewSpec, plan_views
-from concept.embed import Embedder, EmbedOptions, hydra_entry
+from concept.embed import Embedder, EmbedOptions
 from concept.splits import configured_files
 from concept.tokenize import TokenizedBlock, normalize
 
@@ -596,7 +598,7 @@ def run(cfg: EvaluateConfig) -> int:
     return 0
 
 
-main = hydra_entry("evaluate", EvaluateConfig, run)
+main = entry_point(run, "evaluate", partial(validate_schema, schema=EvaluateConfig))
 
 if __name__ == "__main__":
     main()

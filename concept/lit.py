@@ -121,6 +121,11 @@ class ContrastiveModule(L.LightningModule):
             return True
         return math.floor((s + 1) * freq) > math.floor(s * freq)
 
+    @property
+    def inference_add_learnable(self) -> bool:
+        """Whether inference adds the learnable residual tables (validation's rule)."""
+        return self._add_learnable(validating=True)
+
     def embed_views(self, views: Views, species: str, add_learnable: bool):
         """Embeddings of both views, (B, d) each, plus token states."""
         values = views.values

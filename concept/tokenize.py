@@ -122,3 +122,21 @@ def tokenize_csr(
     np.cumsum(kept, out=out_indptr[1:])
     values = normalize(val, total_counts[row], normalization)
     return TokenizedBlock(out_indptr, tok, values, total_counts, n_genes)
+
+
+def drop_duplicate_columns(col_tokens: np.ndarray) -> int:
+    """Keep the first source column of each token; later duplicates (e.g. two versions of
+    one Ensembl gene) become -1. Returns how many were dropped."""
+    mapped = np.flatnonzero(col_tokens >= 0)
+    _, first = np.unique(col_tokens[mapped], return_index=True)
+    dup = np.setdiff1d(mapped, mapped[first])
+    col_tokens[dup] = -1
+    return len(dup)
+
+
+def gather_cells(indptr: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Entry indices that put packed cells in ``order`` (vectorized segment gather)."""
+    counts = np.diff(indptr)[order]
+    starts = indptr[:-1][order]
+    out_starts = np.cumsum(counts) - counts
+    return np.repeat(starts - out_starts, counts) + np.arange(counts.sum())

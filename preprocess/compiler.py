@@ -28,7 +28,7 @@ import numpy as np
 
 from concept import store as fmt
 from concept.h5ad import H5adSource
-from concept.tokenize import tokenize_csr
+from concept.tokenize import drop_duplicate_columns, gather_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
 
 BUCKET_ELEMENTS = 8 << 20  # entries per scratch bucket: bounds pass-2 memory (~100 MB)
@@ -119,32 +119,14 @@ class _ShardWriter:
         self.pos += len(buf)
 
 
-def _gather(indptr: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Entry indices that put packed cells in ``order`` (vectorized segment gather)."""
-    counts = np.diff(indptr)[order]
-    starts = indptr[:-1][order]
-    out_starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return np.repeat(starts - out_starts, counts) + np.arange(counts.sum())
-
-
-def _column_tokens(src: H5adSource, mapping: TokenMapping, var_column: str | None):
-    """Token per source column (-1: not in vocabulary or a duplicate); duplicate count."""
-    col_tokens = mapping.tokens_of(src.var_ids(var_column))
-    mapped = np.flatnonzero(col_tokens >= 0)
-    _, first = np.unique(col_tokens[mapped], return_index=True)
-    dup = np.setdiff1d(mapped, mapped[first])
-    # Two source columns with one id (e.g. two versions of one Ensembl gene): keep the first.
-    col_tokens[dup] = -1
-    return col_tokens, len(dup)
-
-
 def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, progress) -> dict:
     """Write the store into ``tmp``; return the per-store attributes to set."""
     import zarr
 
     s = job.settings
     with H5adSource(job.source, s["x_source"]) as src:
-        col_tokens, report.duplicate_genes = _column_tokens(src, mapping, s["var_column"])
+        col_tokens = mapping.tokens_of(src.var_ids(s["var_column"]))
+        report.duplicate_genes = drop_duplicate_columns(col_tokens)
         n_mapped = int((col_tokens >= 0).sum())
         if n_mapped == 0:
             raise InputError(f"{job.source}: no gene overlaps the {job.species} vocabulary")
@@ -199,7 +181,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                 # Scatter this block's cells to their buckets, in bucket order.
                 bucket = out_pos[a : a + m] // bucket_cells
                 order = np.argsort(bucket, kind="stable")
-                idx = _gather(blk.indptr, order)
+                idx = gather_cells(blk.indptr, order)
                 toks = blk.tokens[idx].astype(mapping.token_dtype)
                 vals = vals[idx]
                 cuts = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
@@ -240,7 +222,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         pos = np.concatenate(pos_lists[b]) if pos_lists[b] else np.empty(0, np.int64)
         counts = out_nnz[pos]
         local = np.concatenate([[0], np.cumsum(counts)])
-        idx = _gather(local, np.argsort(pos))
+        idx = gather_cells(local, np.argsort(pos))
         tok_w.append(np.fromfile(scratch / f"t{b}", dtype=mapping.token_dtype)[idx])
         val_w.append(np.fromfile(scratch / f"v{b}", dtype=val_dtype)[idx])
         (scratch / f"t{b}").unlink()
