@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(PY) -m preprocess.compile PATH.PROJECT_PATH=$(DEMO)
 	$(PY) -m preprocess.verify PATH.PROJECT_PATH=$(DEMO)
 	$(PY) -m concept.train --config-name demo PATH.PROJECT_PATH=$(DEMO)
+	$(PY) -m concept.embed checkpoint=latest PATH.PROJECT_PATH=$(DEMO) input=$(DEMO)/data/synth_cxg/h5ads/hs_csr_e.h5ad output=$(DEMO)/embedded/hs_csr_e.h5ad
+	$(PY) -m concept.evaluate checkpoint=latest PATH.PROJECT_PATH=$(DEMO)
 
 clean-demo:
 	rm -rf $(DEMO)
