@@ -105,6 +105,7 @@ class CompileConfig:
     cell_chunk: int = 32768
     compressor: str | None = None  # None | zstd | blosc
     rows_per_read: int = 8192
+    entries_per_read: int = 2_097_152
     workers: int | None = None
     num_shards: int = 1
     shard_index: int = 0

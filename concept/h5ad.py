@@ -115,16 +115,25 @@ class H5adSource:
         return out, [str(c) for c in cats]
 
     def blocks(
-        self, rows_per_block: int
+        self, rows_per_block: int, max_entries: int | None = None
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """Yield ``(first_row, indptr, indices, data)`` CSR blocks of consecutive rows."""
+        """Yield ``(first_row, indptr, indices, data)`` CSR blocks of consecutive rows.
+
+        A block has at most ``rows_per_block`` rows and, when given, about ``max_entries``
+        stored entries (at least one row): memory follows entries, not rows.
+        """
         n = self.n_cells
         if self.encoding == "csr_matrix":
             indptr = self._x["indptr"][:].astype(np.int64)
-            for a in range(0, n, rows_per_block):
+            a = 0
+            while a < n:
                 b = min(a + rows_per_block, n)
+                if max_entries:
+                    fit = int(np.searchsorted(indptr, indptr[a] + max_entries, "right")) - 1
+                    b = max(min(b, fit), a + 1)
                 lo, hi = indptr[a], indptr[b]
                 yield a, indptr[a : b + 1], self._x["indices"][lo:hi], self._x["data"][lo:hi]
+                a = b
         elif self.encoding == "csc_matrix":
             import scipy.sparse as sp
 
@@ -136,6 +145,8 @@ class H5adSource:
                 blk = x[a : a + rows_per_block]
                 yield a, blk.indptr.astype(np.int64), blk.indices, blk.data
         else:
+            if max_entries:
+                rows_per_block = max(min(rows_per_block, max_entries // max(self.n_vars, 1)), 1)
             for a in range(0, n, rows_per_block):
                 dense = self._x[a : a + rows_per_block]
                 r, c = np.nonzero(dense)

@@ -72,56 +72,64 @@ def tokenize_csr(
     indptr = np.asarray(indptr, dtype=np.int64)
     indptr = indptr - indptr[0]
     n = len(indptr) - 1
-    counts = np.diff(indptr)
     if data.size:
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             raise InputError("NaN or infinite expression values")
         if data.min() < 0:
             raise InputError(f"negative expression values (min {data.min()})")
-    row = np.repeat(np.arange(n, dtype=np.int64), counts)
-    total_counts = np.bincount(row, weights=data, minlength=n)
+    # per-cell sums over all genes (before masking) by prefix sums: no per-entry row ids
+    csum = np.zeros(len(data) + 1, np.float64)
+    np.cumsum(data, out=csum[1:])
+    total_counts = csum[indptr[1:]] - csum[indptr[:-1]]
     nonzero = data != 0
-    n_genes = np.bincount(row[nonzero], minlength=n).astype(np.int32)
+    n_genes = np.diff(np.searchsorted(np.flatnonzero(nonzero), indptr)).astype(np.int32)
 
     tok = col_tokens[indices]
-    keep = nonzero & (tok >= 0)
-    row, tok, val = row[keep], tok[keep], data[keep]
+    keep = np.flatnonzero(nonzero & (tok >= 0))
+    bounds = np.searchsorted(keep, indptr)  # kept entries of cell i: keep[bounds[i]:bounds[i+1]]
+    out_indptr = bounds - bounds[0]
+    kept = np.diff(bounds)
+    tok, val = tok[keep], data[keep]
+    row = np.repeat(np.arange(n, dtype=np.uint64), kept)
 
     # Packed key: cell | descending value rank | token. Integer values rank as themselves;
     # other values by their position among the block's distinct values.
     integral = val.dtype.kind in "iu" or (val.size and np.array_equal(val, np.floor(val)))
     vmax = val.max() if val.size else 0
     if integral and vmax < 2**40:
-        vkey = (int(vmax) - val.astype(np.int64)).astype(np.uint64)
-        vbits, uniq = _bits(int(vmax)), None
+        vkey, vbits, uniq = None, _bits(int(vmax)), None
     else:
         uniq, inv = np.unique(val, return_inverse=True)
         vkey = (len(uniq) - 1 - inv).astype(np.uint64)
         vbits = _bits(len(uniq))
     tbits = _bits(int(col_tokens.max(initial=0)))
-    rbits = _bits(n)
-    if rbits + vbits + tbits <= 64:
-        key = (
-            (row.astype(np.uint64) << np.uint64(vbits + tbits))
-            | (vkey << np.uint64(tbits))
-            | tok.astype(np.uint64)
-        )
+    if _bits(n) + vbits + tbits <= 64:
+        # build the key in place: row, then value rank, then token
+        key = row
+        key <<= np.uint64(vbits)
+        if vkey is None:
+            key |= (int(vmax) - val.astype(np.int64)).astype(np.uint64)
+        else:
+            key |= vkey
+        key <<= np.uint64(tbits)
+        key |= tok.astype(np.uint64)
         key.sort()
         tok = (key & np.uint64((1 << tbits) - 1)).astype(np.int64)
-        vrank = (key >> np.uint64(tbits)) & np.uint64((1 << vbits) - 1)
+        key >>= np.uint64(tbits)
+        key &= np.uint64((1 << vbits) - 1)
         if uniq is None:
-            val = (int(vmax) - vrank.astype(np.int64)).astype(val.dtype)
+            val = (int(vmax) - key.astype(np.int64)).astype(val.dtype)
         else:
-            val = uniq[len(uniq) - 1 - vrank.astype(np.int64)]
-        row = (key >> np.uint64(vbits + tbits)).astype(np.int64)
+            val = uniq[len(uniq) - 1 - key.astype(np.int64)]
     else:  # keys too wide for 64 bits: slower but exact
         order = np.lexsort((tok, -val.astype(np.float64), row))
-        row, tok, val = row[order], tok[order], val[order]
-    kept = np.bincount(row, minlength=n)
-    out_indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(kept, out=out_indptr[1:])
-    values = normalize(val, total_counts[row], normalization)
-    return TokenizedBlock(out_indptr, tok, values, total_counts, n_genes)
+        tok, val = tok[order].astype(np.int64), val[order]
+    if normalization == "raw":
+        return TokenizedBlock(out_indptr, tok, val, total_counts, n_genes)
+    cell_totals = np.repeat(total_counts, kept)
+    return TokenizedBlock(
+        out_indptr, tok, normalize(val, cell_totals, normalization), total_counts, n_genes
+    )
 
 
 def drop_duplicate_columns(col_tokens: np.ndarray) -> int:

@@ -46,6 +46,7 @@ def make_jobs(cfg: Config) -> list[FileJob]:
             panels=[str(p) for p in panel_files(cfg.PATH.PANELS_PATH, f.species)],
             settings=settings,
             rows_per_read=c.rows_per_read,
+            entries_per_read=c.entries_per_read,
             force=c.force,
         )
         for f in files

@@ -31,7 +31,7 @@ from concept.h5ad import H5adSource
 from concept.tokenize import drop_duplicate_columns, gather_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
 
-BUCKET_ELEMENTS = 8 << 20  # entries per scratch bucket: bounds pass-2 memory (~100 MB)
+BUCKET_ELEMENTS = 4 << 20  # entries per scratch bucket: bounds pass-2 memory (~50 MB)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class FileJob:
     panels: list[str]
     settings: dict  # compile settings that change the store's bytes (fingerprinted)
     rows_per_read: int = 8192
+    entries_per_read: int = 2_097_152
     force: bool = False
 
 
@@ -162,7 +163,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         raw = s["normalization"] == "raw"
         vmax, integral, val_dtype = 0.0, raw, None
         try:
-            for a, indptr, indices, data in src.blocks(job.rows_per_read):
+            for a, indptr, indices, data in src.blocks(job.rows_per_read, job.entries_per_read):
                 try:
                     blk = tokenize_csr(indptr, indices, data, col_tokens, s["normalization"])
                 except InputError as e:
@@ -177,7 +178,8 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                 val_dtype = vals.dtype
                 if integral and vals.size:
                     vmax = max(vmax, float(vals.max()))
-                    integral = bool(np.array_equal(vals, np.floor(vals)))
+                    if vals.dtype.kind == "f":  # float storage of counts is common
+                        integral = bool(np.array_equal(vals, np.floor(vals)))
                 # Scatter this block's cells to their buckets, in bucket order.
                 bucket = out_pos[a : a + m] // bucket_cells
                 order = np.argsort(bucket, kind="stable")
@@ -192,6 +194,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                     pos_lists[b].append(out_pos[a : a + m][order[cuts[b] : cuts[b + 1]]])
                 if progress is not None:
                     progress.put(m)
+                del blk, idx, toks, vals, order  # free before the next block is read
         finally:
             for fh in tok_files + val_files:
                 fh.close()
