@@ -77,10 +77,12 @@ def tokenize_csr(
             raise InputError("NaN or infinite expression values")
         if data.min() < 0:
             raise InputError(f"negative expression values (min {data.min()})")
-    # per-cell sums over all genes (before masking) by prefix sums: no per-entry row ids
-    csum = np.zeros(len(data) + 1, np.float64)
-    np.cumsum(data, out=csum[1:])
-    total_counts = csum[indptr[1:]] - csum[indptr[:-1]]
+    # per-cell sums over all genes (before masking), in float64, without per-entry row ids
+    starts = indptr[:-1]
+    total_counts = np.zeros(n, np.float64)
+    if data.size:
+        total_counts = np.add.reduceat(data, starts.clip(max=len(data) - 1), dtype=np.float64)
+        total_counts[starts == indptr[1:]] = 0.0  # reduceat yields an element for empty rows
     nonzero = data != 0
     n_genes = np.diff(np.searchsorted(np.flatnonzero(nonzero), indptr)).astype(np.int32)
 
@@ -147,4 +149,8 @@ def gather_cells(indptr: np.ndarray, order: np.ndarray) -> np.ndarray:
     counts = np.diff(indptr)[order]
     starts = indptr[:-1][order]
     out_starts = np.cumsum(counts) - counts
-    return np.repeat(starts - out_starts, counts) + np.arange(counts.sum())
+    total = int(counts.sum())
+    itype = np.int32 if indptr[-1] < 2**31 else np.int64  # half the bytes when it fits
+    out = np.repeat((starts - out_starts).astype(itype), counts)
+    out += np.arange(total, dtype=itype)
+    return out

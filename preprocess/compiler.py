@@ -20,6 +20,7 @@ import fcntl
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,26 +99,36 @@ def _compressors(name: str | None):
 
 
 class _ShardWriter:
-    """Appends to a 1-D Zarr array in whole shards, so no shard is ever rewritten."""
+    """Appends to a 1-D Zarr array in whole shards, so no shard is ever rewritten. Writes
+    run on a background thread (one at a time, in order) while the next bucket is built."""
 
-    def __init__(self, array, shard: int, dtype: np.dtype):
-        self.array, self.shard, self.dtype = array, shard, dtype
-        self.pos, self.pending = 0, []
+    def __init__(self, array, shard: int, dtype: np.dtype, pool: ThreadPoolExecutor):
+        self.array, self.shard, self.dtype, self.pool = array, shard, dtype, pool
+        self.pos, self.pending, self.writes = 0, [], []
+
+    def _write(self, data: np.ndarray) -> None:
+        while len(self.writes) > 1:  # bound the buffers in flight
+            self.writes.pop(0).result()
+        start = self.pos
+        self.writes.append(
+            self.pool.submit(self.array.__setitem__, slice(start, start + len(data)), data)
+        )
+        self.pos += len(data)
 
     def append(self, data: np.ndarray) -> None:
         self.pending.append(data.astype(self.dtype, copy=False))
         if sum(len(p) for p in self.pending) >= self.shard:
             buf = np.concatenate(self.pending)
             k = len(buf) // self.shard * self.shard
-            self.array[self.pos : self.pos + k] = buf[:k]
-            self.pos += k
+            self._write(buf[:k])
             self.pending = [buf[k:]]
 
     def close(self) -> None:
         buf = np.concatenate(self.pending) if self.pending else np.empty(0, self.dtype)
         if len(buf):
-            self.array[self.pos : self.pos + len(buf)] = buf
-        self.pos += len(buf)
+            self._write(buf)
+        for w in self.writes:
+            w.result()
 
 
 def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, progress) -> dict:
@@ -216,10 +227,11 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
             fill_value=0,
         )
 
+    pool = ThreadPoolExecutor(1)
     tok_w = _ShardWriter(
-        entries(fmt.TOKENS, mapping.token_dtype), s["shard_elements"], mapping.token_dtype
+        entries(fmt.TOKENS, mapping.token_dtype), s["shard_elements"], mapping.token_dtype, pool
     )
-    val_w = _ShardWriter(entries(fmt.VALUES, store_vdtype), s["shard_elements"], store_vdtype)
+    val_w = _ShardWriter(entries(fmt.VALUES, store_vdtype), s["shard_elements"], store_vdtype, pool)
     out_nnz = nnz[perm]
     for b in range(n_buckets):
         pos = np.concatenate(pos_lists[b]) if pos_lists[b] else np.empty(0, np.int64)
@@ -232,6 +244,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         (scratch / f"v{b}").unlink()
     tok_w.close()
     val_w.close()
+    pool.shutdown()
     shutil.rmtree(scratch)
 
     def cells(name: str, data: np.ndarray, attrs: dict | None = None) -> None:
