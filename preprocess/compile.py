@@ -22,7 +22,7 @@ from tqdm import tqdm
 from concept.cli import entry_point
 from concept.config import Config
 from concept.splits import SplitFile, configured_files
-from concept.store import BYTE_SETTINGS, store_key, store_path
+from concept.store import BYTE_SETTINGS, read_attrs, store_key, store_path
 from concept.vocab import panel_files
 from preprocess.compiler import FileJob, FileReport, compile_file
 
@@ -127,8 +127,6 @@ def register(cfg: Config, jobs: list[FileJob], reports: list[FileReport]) -> Non
     for j, r in zip(jobs, reports, strict=True):
         if r.status == "failed":
             continue
-        from concept.store import read_attrs
-
         attrs = read_attrs(j.out)
         key = store_key(j.source_name, Path(j.out).stem)
         features = {
