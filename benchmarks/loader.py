@@ -275,7 +275,6 @@ def _read_meta(path: Path) -> dict:
 
 def ensure_h5ad(out: Path, cells: int, genes: int, seed: int) -> dict:
     """Generate the project (tiny) and ``FILE`` at full size, unless already there."""
-    import numpy as np
 
     from preprocess import synth
 
@@ -288,16 +287,7 @@ def ensure_h5ad(out: Path, cells: int, genes: int, seed: int) -> dict:
     print(f"generating {FILE}: {cells:,} cells x {genes:,} genes in {out} ...", flush=True)
     t0 = time.perf_counter()
     synth.generate_project(out, seed=seed, n_cells=64, n_genes=genes, pretrained_dim=0)
-    index = next(i for i, s in enumerate(synth.FILES) if f"{s.name}.h5ad" == FILE)
-    spec = synth.FILES[index]
-    # the random streams generate_project uses for this species and this file
-    model = synth._species_model(
-        synth.SPECIES[spec.species],
-        genes,
-        np.random.default_rng([seed, synth._SEED_SPECIES, spec.species]),
-    )
-    rng = np.random.default_rng([seed, synth._SEED_FILE, index])
-    synth._write_file(path, spec, model, cells, rng, progress=True)
+    synth.write_file(out, FILE.removesuffix(".h5ad"), seed=seed, n_cells=cells, n_genes=genes)
     meta = {**want, "seconds": round(time.perf_counter() - t0, 1)}
     meta["mb"] = round(path.stat().st_size / MiB, 1)
     meta_path.write_text(json.dumps(meta))

@@ -242,6 +242,19 @@ class Embedder:
         ``auto`` (CUDA if available), ``cpu``, ``cuda``...
     """
 
+    @classmethod
+    def from_options(cls, opts: EmbedOptions) -> Embedder:
+        """An embedder configured by the ``embed``/``evaluate`` command-line options."""
+        return cls(
+            opts.checkpoint,
+            opts.checkpoint_root,
+            opts.gene_mappings,
+            opts.max_tokens,
+            opts.batch_size,
+            opts.max_batch_tokens,
+            opts.device,
+        )
+
     def __init__(
         self,
         checkpoint: str | Path,
@@ -572,15 +585,7 @@ def write_embedding(
 
 
 def run(cfg: EmbedConfig) -> int:
-    embedder = Embedder(
-        cfg.checkpoint,
-        cfg.checkpoint_root,
-        cfg.gene_mappings,
-        cfg.max_tokens,
-        cfg.batch_size,
-        cfg.max_batch_tokens,
-        cfg.device,
-    )
+    embedder = Embedder.from_options(cfg)
     start = time.perf_counter()
     emb, species = embedder.embed_file(
         cfg.input,

@@ -419,15 +419,7 @@ def _species_metrics(
 
 def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
     """Compute the metrics, write ``evaluation.{json,md,png}`` and return the report."""
-    embedder = embedder or Embedder(
-        cfg.checkpoint,
-        cfg.checkpoint_root,
-        cfg.gene_mappings,
-        cfg.max_tokens,
-        cfg.batch_size,
-        cfg.max_batch_tokens,
-        cfg.device,
-    )
+    embedder = embedder or Embedder.from_options(cfg)
     folds = plan_folds(cfg, embedder)
     loaded: dict[FileSpec, Cells] = {}
     for ref, query in folds:

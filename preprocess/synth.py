@@ -800,6 +800,32 @@ def generate_project(
     return summary
 
 
+def write_file(
+    project_path: str | Path,
+    name: str,
+    *,
+    seed: int = 0,
+    n_cells: int,
+    n_genes: int = 20000,
+    progress: bool = True,
+) -> Path:
+    """Rewrite one file of a generated project (e.g. ``hs_csr_a``) with ``n_cells`` cells.
+
+    Uses the random streams :func:`generate_project` uses for that file and species, so
+    the genes and the expression model match the rest of the project: benchmarks make one
+    large file without generating every file at that size.
+    """
+    index = next(i for i, spec in enumerate(FILES) if spec.name == name)
+    spec = FILES[index]
+    rng_species = np.random.default_rng([seed, _SEED_SPECIES, spec.species])
+    model = _species_model(SPECIES[spec.species], n_genes, rng_species)
+    path = Path(project_path) / H5AD_DIR / f"{name}.h5ad"
+    _write_file(
+        path, spec, model, n_cells, np.random.default_rng([seed, _SEED_FILE, index]), progress
+    )
+    return path
+
+
 LARGE_CELLS = 200_000
 
 
