@@ -206,3 +206,31 @@ def test_cli_trains_and_writes_the_run_folder(compiled, tmp_path):
 
     saved = validate(OmegaConf.load(run / "config.yaml"))
     assert saved.model.nlayers == 2 and str(project) == saved.PATH.PROJECT_PATH
+
+
+def test_create_new_run_loads_weights_only(compiled, tmp_path):
+    """initialize.create_new_run: the old run's weights, a new run folder, step 0."""
+    common = [
+        "model.training.log_every_n_steps=1",
+        "model.training.val_check_interval=1000",
+        f"PATH.CHECKPOINT_ROOT={tmp_path}",
+    ]
+    train(_cfg(compiled, *common, "model.training.max_steps=3", "wandb.run_name=old"))
+    new = [
+        "initialize.resume=true",
+        "initialize.run_id=old",
+        "initialize.checkpoint=latest/last.ckpt",
+        "initialize.create_new_run=true",
+        "wandb.run_name=new",
+        "model.training.max_steps=2",
+        "model.training.lr=0.0",  # no update: the new run's first loss shows the loaded weights
+    ]
+    train(_cfg(compiled, *common, *new), overrides=new)
+    old_state = torch.load(tmp_path / "old" / "latest" / "last.ckpt", weights_only=False)[
+        "state_dict"
+    ]
+    new_state = torch.load(tmp_path / "new" / "latest" / "last.ckpt", weights_only=False)[
+        "state_dict"
+    ]
+    assert all(torch.equal(old_state[k], new_state[k]) for k in old_state)  # weights carried over
+    assert sorted(_train_losses(tmp_path / "new")) == [0, 1]  # a fresh run: steps from 0
