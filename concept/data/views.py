@@ -212,22 +212,20 @@ def _entries(member: np.ndarray, cu: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _select(
     tokens: np.ndarray,
+    expressed: np.ndarray,
     cu: np.ndarray,
     genes: np.ndarray,
-    vocab_size: int,
     spec: ViewSpec,
     rng: np.random.Generator,
 ) -> _Selection:
     """Which entries (and which zero-valued genes) view ``genes`` keeps in each cell.
 
-    Each cell's sequence is its selected entries (value descending, as stored) followed by
-    its zero genes (token ascending), which only the ``top`` and ``random`` strategies use.
+    ``expressed`` marks the batch entries whose gene is in the view. Each cell's sequence is
+    its selected entries (value descending, as stored) followed by its zero genes (token
+    ascending), which only the ``top`` and ``random`` strategies use.
     """
     b, limit, strategy = len(cu) - 1, spec.max_tokens, spec.gene_sampling_strategy
     lengths = np.diff(cu)
-    in_view = np.zeros(vocab_size, bool)
-    in_view[genes] = True
-    expressed = in_view[tokens]
     member = expressed
     rate = None
     if spec.feature_max_drop_rate:
@@ -282,14 +280,20 @@ def plan_views(
 ) -> ViewPlan:
     """Plan both views of a host batch (see the module docstring)."""
     rng = np.random.default_rng([spec.seed, batch.epoch, batch.index])
-    tokens = batch.tokens.numpy().astype(np.intp)  # once: both views index with it
+    tokens = batch.tokens.numpy()
     cu = batch.cu_seqlens.numpy().astype(np.int64)
     b = len(cu) - 1
     var = batch.var_tokens.numpy()
     names = panels.names.get(batch.species, []) if panels else []
     toks = panels.tokens.get(batch.species, []) if panels else []
     g1, g2, name1 = draw_gene_sets(var, toks, names, spec, rng)
-    views = [_select(tokens, cu, g, vocab_size, spec, rng) for g in (g1, g2)]
+    # one lookup for both views: bit 0 = gene in view 1, bit 1 = gene in view 2
+    lut = np.zeros(vocab_size, np.uint8)
+    lut[g1] = 1
+    lut[g2] |= 2
+    label = lut[tokens]
+    in_views = ((label & 1).view(bool), (label >> 1).view(bool))
+    views = [_select(tokens, e, cu, g, spec, rng) for e, g in zip(in_views, (g1, g2), strict=True)]
     keep = np.ones(b, bool)
     lengths = [v.counts + v.zero_counts for v in views]
     if spec.train and spec.qc_threshold is not None:
