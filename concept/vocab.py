@@ -53,7 +53,9 @@ class TokenMapping:
 
     @property
     def token_dtype(self) -> np.dtype:
-        return np.dtype(np.uint16 if self.size <= 65536 else np.uint32)
+        from concept.store import token_dtype
+
+        return token_dtype(self.size)
 
     def tokens_of(self, ids: list[str] | np.ndarray) -> np.ndarray:
         """Tokens of gene ids (version suffixes stripped); -1 where not in the vocabulary."""

@@ -33,10 +33,6 @@ class PackedBatch:
     def __len__(self) -> int:
         return len(self.cu_seqlens) - 1
 
-    @property
-    def max_seqlen(self) -> int:
-        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max()) if len(self) else 0
-
     def pin_memory(self) -> PackedBatch:
         out = self._map(lambda t: t.pin_memory())
         if self.views is not None:
