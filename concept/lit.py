@@ -13,7 +13,6 @@ from dataclasses import asdict
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from concept import losses
 from concept.config import ModelConfig, TrainingConfig
@@ -161,9 +160,10 @@ class ContrastiveModule(L.LightningModule):
         loss = self.cfg.cont_loss_weight * loss_cont
         out = {"loss_cont": loss_cont}
         if self.net.decoder is not None:
-            if masked is not None and self.cfg.mlm_loss_weight > 0 and masked.any():
-                pred = self.net.decode(hidden)
-                loss_mlm = F.mse_loss(pred[masked], views.values[masked])
+            if masked is not None and self.cfg.mlm_loss_weight > 0:
+                # masked mean without indexing by the mask: no host sync
+                err = (self.net.decode(hidden) - views.values) ** 2 * masked
+                loss_mlm = err.sum() / masked.sum().clamp(min=1)
                 loss = loss + self.cfg.mlm_loss_weight * loss_mlm
                 out["loss_mlm"] = loss_mlm
             else:  # decoder idle this step: keep it in the graph for DDP

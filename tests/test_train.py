@@ -234,3 +234,40 @@ def test_create_new_run_loads_weights_only(compiled, tmp_path):
     ]
     assert all(torch.equal(old_state[k], new_state[k]) for k in old_state)  # weights carried over
     assert sorted(_train_losses(tmp_path / "new")) == [0, 1]  # a fresh run: steps from 0
+
+
+def test_mlm_loss_is_the_masked_mean_squared_error(compiled):
+    """value_encoding + decoder head: loss = contrastive + weight * MSE on masked values."""
+    from concept.data.loader import TokenLoader
+    from concept.data.views import ViewSpec, build_views, make_planner
+    from concept.datamodule import read_mappings
+    from concept.lit import ContrastiveModule
+
+    cfg = _cfg(
+        compiled,
+        "model.input_encoding=value_encoding",
+        "model.decoder_head=true",
+        "model.mlm_loss_weight=0.5",
+        "model.training.masking_rate=0.3",
+        "PATH.PRETRAINED_VOCABULARY=null",
+    )
+    vocab = read_mappings(cfg)["hsapiens"].size
+    loader = TokenLoader(
+        store_paths(compiled, "hs_"), 16, 8, plan_views=make_planner(ViewSpec(max_tokens=32), vocab)
+    )
+    batch = next(iter(loader)).to("cpu")
+    module = ContrastiveModule(
+        ContrastiveModule.hparams_for(cfg.model, None), {"hsapiens": vocab}
+    ).train()
+    torch.manual_seed(3)
+    out, _ = module._step(batch, validating=False)
+    torch.manual_seed(3)  # the same masking draw, recomputed by hand
+    views = build_views(batch)
+    _, _, hidden, masked = module.embed_views(views, "hsapiens", False)
+    pred = module.net.decode(hidden)
+    want = ((pred[masked] - views.values[masked]) ** 2).mean()
+    assert masked.any() and not masked[views.tokens == 0].any()  # CLS is never masked
+    assert out["loss_mlm"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(
+        out["loss_cont"].item() + 0.5 * want.item(), rel=1e-5
+    )

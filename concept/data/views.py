@@ -260,13 +260,14 @@ def _select(
     entries, bounds = _entries(member, cu)
     counts = np.diff(bounds)
     if counts.max(initial=0) > limit:
+        cell = np.repeat(np.arange(b), counts)
         if strategy == "random-nonzero":  # a random subset of max_tokens, kept in stored order
-            keep = np.ones(len(entries), bool)
-            for c in np.flatnonzero(counts > limit):
-                drop = rng.choice(counts[c], counts[c] - limit, replace=False)
-                keep[bounds[c] + drop] = False
+            order = np.lexsort((rng.random(len(entries)), cell))  # shuffled within each cell
+            rank = np.empty(len(entries), np.int64)
+            rank[order] = np.arange(len(entries)) - bounds[:-1][cell[order]]
         else:  # top: the first max_tokens members of each cell (cells are value-descending)
-            keep = np.arange(len(entries)) - np.repeat(bounds[:-1], counts) < limit
+            rank = np.arange(len(entries)) - bounds[:-1][cell]
+        keep = rank < limit
         entries = entries[keep]
         counts = np.minimum(counts, limit)
     return _Selection(entries, counts, zero_tok, zero_counts)
