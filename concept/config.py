@@ -110,6 +110,7 @@ class CompileConfig:
     num_shards: int = 1
     shard_index: int = 0
     force: bool = False
+    fingerprint: str = "fast"  # fast | full: how a source's changes are noticed
     register: bool = True
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
 
@@ -121,6 +122,7 @@ class CompileConfig:
         _check_choice("compile.normalization", self.normalization, NORMALIZATIONS)
         _check_choice("compile.value_dtype", self.value_dtype, ("float16", "float32"))
         _check_choice("compile.compressor", self.compressor, (None, "zstd", "blosc"))
+        _check_choice("compile.fingerprint", self.fingerprint, ("fast", "full"))
         if self.shard_elements % self.chunk_elements:
             raise ConfigError("compile.shard_elements must be a multiple of compile.chunk_elements")
         if not 0 <= self.shard_index < self.num_shards:

@@ -12,8 +12,15 @@ from concept.config import Config, ViewConfig
 from concept.data.loader import TokenLoader
 from concept.data.views import Panels, ViewSpec, make_planner
 from concept.splits import SplitFile, train_files, val_files
-from concept.store import BYTE_SETTINGS, expected_attrs, stale_reason, store_path
-from concept.vocab import TokenMapping, panel_files, read_token_mapping
+from concept.store import (
+    BYTE_SETTINGS,
+    StoreError,
+    check_store,
+    compile_command,
+    read_attrs,
+    store_path,
+)
+from concept.vocab import TokenMapping, read_token_mapping
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +37,13 @@ class Stores:
     val: dict[str, list[Path]]
 
 
-def compile_command(cfg: Config) -> str:
-    return f"python -m preprocess.compile PATH.PROJECT_PATH={cfg.PATH.PROJECT_PATH}"
+def rebuild_command(cfg: Config, out: Path, settings: dict) -> str:
+    """The compile command for a store, with the overrides it was compiled with, if any."""
+    try:
+        attrs = read_attrs(out)
+    except StoreError:  # missing or not a store: a plain compile
+        attrs = {}
+    return compile_command(attrs, cfg.PATH.PROJECT_PATH, settings)
 
 
 def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
@@ -52,21 +64,9 @@ def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
                 raise StaleStoreError(
                     f"{f.path}: species {f.species!r} is not in datamodule.species"
                 )
-            reason = (
-                f"{out}: not compiled (source {f.path} not found)"
-                if not f.path.is_file()
-                else stale_reason(
-                    out,
-                    expected_attrs(
-                        f.path,
-                        mappings[f.species].sha256,
-                        panel_files(cfg.PATH.PANELS_PATH, f.species),
-                        settings,
-                    ),
-                )
-            )
+            reason = check_store(out, f.path, mappings[f.species].sha256)
             if reason:
-                raise StaleStoreError(f"{reason}\nrun: {compile_command(cfg)}")
+                raise StaleStoreError(f"{reason}\nrun: {rebuild_command(cfg, out, settings)}")
             checked[f.path] = out
         return checked[f.path]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,8 @@ ROOT_ATTRS = (
     "source_name",
     "source_file",
     "source_fingerprint",
+    "source_stat",
     "vocab_sha256",
-    "panels_sha256",
     "n_cells",
     "nnz",
     "n_var_mapped",
@@ -54,9 +55,11 @@ ROOT_ATTRS = (
 )
 
 
-COMPILER_VERSION = "1"
+# Bumped whenever the compiler's output for the same inputs changes (2: total_counts of
+# cells before trailing empty rows, float32 for float values beyond float16).
+COMPILER_VERSION = "2"
 
-# Compile settings that change a store's bytes: part of its fingerprint.
+# Compile settings that change a store's bytes: recorded in its ``settings`` attribute.
 BYTE_SETTINGS = (
     "x_source",
     "var_column",
@@ -69,6 +72,10 @@ BYTE_SETTINGS = (
     "cell_chunk",
     "compressor",
 )
+
+FINGERPRINTS = ("fast", "full")
+_MIB = 1 << 20
+_SAMPLES, _SAMPLE_BYTES = 64, 64 << 10  # strided samples of the fast fingerprint
 
 
 class StoreError(ValueError):
@@ -88,6 +95,21 @@ def uint_dtype_for(max_value: float) -> np.dtype:
     raise ValueError(f"value {max_value} does not fit uint64")
 
 
+def float_dtype_for(requested: str, max_value: float) -> np.dtype:
+    """``requested`` (float16|float32) unless the largest value does not fit float16.
+
+    Raises
+    ------
+    ValueError
+        ``max_value`` does not fit float32 either.
+    """
+    if max_value > np.finfo(np.float32).max:
+        raise ValueError(f"value {max_value:.6g} does not fit float32")
+    if requested == "float16" and max_value > np.finfo(np.float16).max:
+        return np.dtype(np.float32)
+    return np.dtype(requested)
+
+
 def store_path(compiled_root: str | Path, source_name: str, stem: str) -> Path:
     """``<COMPILED_ROOT>/<source_name>/<stem>.zarr``."""
     return Path(compiled_root) / source_name / f"{stem}.zarr"
@@ -98,44 +120,214 @@ def store_key(source_name: str, stem: str) -> str:
     return f"compiled/{source_name}/{stem}.zarr"
 
 
-def source_fingerprint(path: str | Path) -> str:
-    """Size, mtime and the first and last MiB: cheap, and changes whenever the file does."""
+def source_fingerprint(path: str | Path, mode: str = "fast") -> str:
+    """A source file's fingerprint, ``"<mode>:<sha256 hex>"``.
+
+    Parameters
+    ----------
+    path
+        The source file.
+    mode
+        ``fast``: size, mtime, inode and ctime, the first and last MiB and 64 strided
+        samples of 64 KiB (reads about 6 MiB; an in-place rewrite that restores size and
+        mtime, as ``cp -p`` or ``rsync -a --inplace`` do, still changes the ctime; a copy
+        of the file is a new inode). ``full``: size and a sha256 of every byte (reads the
+        whole file; a byte-identical copy has the same fingerprint).
+    """
     path = Path(path)
-    st = path.stat()
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
     with path.open("rb") as fh:
-        h.update(fh.read(1 << 20))
-        fh.seek(max(st.st_size - (1 << 20), 0))
-        h.update(fh.read(1 << 20))
-    return h.hexdigest()
+        st = os.fstat(fh.fileno())
+        if mode == "full":
+            h = hashlib.sha256(f"{st.st_size}".encode())
+            while chunk := fh.read(16 * _MIB):
+                h.update(chunk)
+        elif mode == "fast":
+            h = hashlib.sha256(
+                f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}".encode()
+            )
+            stride = max(st.st_size // _SAMPLES, 1)
+            for offset in (0, max(st.st_size - _MIB, 0)):
+                fh.seek(offset)
+                h.update(fh.read(_MIB))
+            for offset in range(0, st.st_size, stride):
+                h.update(os.pread(fh.fileno(), _SAMPLE_BYTES, offset))
+        else:
+            raise ValueError(f"fingerprint mode {mode!r}: expected one of {FINGERPRINTS}")
+    return f"{mode}:{h.hexdigest()}"
 
 
-def expected_attrs(
-    source: Path | str, vocab_sha256: str, panels: list[Path], settings: dict
-) -> dict:
-    """The attributes a current store of ``source`` carries (compared to decide staleness)."""
-    from concept.vocab import file_sha256
+def source_stat(path: str | Path) -> dict:
+    """Size and mtime of a source: the check training can afford (no bytes read)."""
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
+
+def fingerprint_mode(attrs: dict) -> str:
+    """The fingerprint mode a store was compiled with."""
+    return str(attrs.get("source_fingerprint", "fast:")).split(":", 1)[0]
+
+
+def current_attrs(source: str | Path, vocab_sha256: str, settings: dict, mode: str) -> dict:
+    """What a store compiled now from ``source`` records about its inputs.
+
+    Panels are not among them: they are read at training time and never change a store's
+    bytes.
+    """
     return {
         "format_version": FORMAT_VERSION,
-        "source_fingerprint": source_fingerprint(source),
-        "vocab_sha256": vocab_sha256,
-        "panels_sha256": file_sha256(*panels),
-        "settings": {k: settings[k] for k in BYTE_SETTINGS},
         "compiler_version": COMPILER_VERSION,
+        "source_fingerprint": source_fingerprint(source, mode),
+        "source_stat": source_stat(source),
+        "vocab_sha256": vocab_sha256,
+        "settings": {k: settings[k] for k in BYTE_SETTINGS},
     }
 
 
-def stale_reason(path: str | Path, expected: dict) -> str | None:
-    """Why the store at ``path`` is missing or out of date (None when current)."""
+def changed_settings(attrs: dict, settings: dict) -> list[str]:
+    """The byte settings of ``settings`` under which a compile would write other bytes.
+
+    ``value_dtype`` matters only for float values: a store of integer counts is the same
+    under either, and a store that float16 could not hold (so stored float32) is the same
+    under ``float32``.
+    """
+    recorded = attrs.get("settings", {})
+    stored = str(attrs.get("value_dtype", ""))
+    changed = []
+    for k in BYTE_SETTINGS:
+        if k == "value_dtype" and (stored.startswith("uint") or settings[k] == stored):
+            continue
+        if recorded.get(k) != settings[k]:
+            changed.append(k)
+    return changed
+
+
+def _version_and_vocab(path, attrs: dict, vocab_sha256: str | None) -> str | None:
+    if attrs.get("compiler_version") != COMPILER_VERSION:
+        return (
+            f"{path}: compiled by compiler version {attrs.get('compiler_version')} "
+            f"(this is {COMPILER_VERSION})"
+        )
+    if vocab_sha256 is not None and attrs.get("vocab_sha256") != vocab_sha256:
+        return f"{path}: the vocabulary changed since it was compiled"
+    return None
+
+
+def stale_reason(
+    path: str | Path, source: str | Path, vocab_sha256: str, settings: dict
+) -> str | None:
+    """Why the store at ``path`` is missing or out of date for a compile (None when current).
+
+    A store is current when the compiler version, the vocabulary, every byte setting and
+    the source's fingerprint match. The fingerprint is taken in the mode the store
+    recorded, so a change of ``compile.fingerprint`` alone rebuilds nothing. Only inputs
+    that change the store's bytes count.
+    """
     try:
         attrs = read_attrs(path)
     except StoreError as e:
         return str(e)
-    for key, value in expected.items():
-        if attrs.get(key) != value:
-            return f"{path}: {key} differs from the current inputs"
+    if reason := _version_and_vocab(path, attrs, vocab_sha256):
+        return reason
+    if changed := changed_settings(attrs, settings):
+        return f"{path}: compile.{changed[0]} differs from the store's"
+    if attrs.get("source_fingerprint") != source_fingerprint(source, fingerprint_mode(attrs)):
+        return f"{path}: the source {source} changed since it was compiled"
     return None
+
+
+def check_store(
+    path: str | Path, source: str | Path | None = None, vocab_sha256: str | None = None
+) -> str | None:
+    """Why a store cannot be trained on as it is (None when it can): for the trainer.
+
+    Judged against the store's own recorded settings, never against a config's
+    ``compile.*``: a complete store of this compiler version serves, whatever it was
+    compiled with.
+
+    Parameters
+    ----------
+    path
+        The store.
+    source
+        Its source file. When given and present, a stat-only check (no byte read): the
+        size, and under the ``fast`` fingerprint also the mtime, must be those recorded.
+        When absent, only the store is checked.
+    vocab_sha256
+        When given, the vocabulary the store must have been compiled with.
+    """
+    try:
+        attrs = read_attrs(path)
+        if reason := _version_and_vocab(path, attrs, vocab_sha256):
+            return reason
+        _check_complete(Path(path), attrs)
+    except StoreError as e:
+        return str(e)
+    if source is not None and Path(source).is_file():
+        now, then = source_stat(source), attrs["source_stat"]
+        keys = ("size",) if fingerprint_mode(attrs) == "full" else ("size", "mtime_ns")
+        if any(now[k] != then[k] for k in keys):
+            return f"{path}: the source {source} changed since it was compiled"
+    return None
+
+
+def _array_shape(path: Path, name: str) -> tuple[int, ...]:
+    try:
+        meta = json.loads((path / name / "zarr.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise StoreError(f"{path}: incomplete store (array {name!r} missing)") from None
+    return tuple(meta["shape"])
+
+
+def _check_complete(path: Path, attrs: dict) -> None:
+    """Every array present with its recorded length, every token and value shard on disk
+    (metadata and directory entries only: a store cut short by a partial copy fails)."""
+    n, nnz = attrs["n_cells"], attrs["nnz"]
+    want = {INDPTR: n + 1, TOKENS: nnz, VALUES: nnz, VAR_TOKENS: attrs["n_var_mapped"]}
+    want |= {k: n for k in (TOTAL_COUNTS, N_GENES, ROW)}
+    want |= {f"{OBS_GROUP}/{k}": n for k in attrs.get("obs_keys", [])}
+    for name, length in want.items():
+        if _array_shape(path, name) != (length,):
+            raise StoreError(f"{path}: array {name!r} does not have {length} elements")
+    shards = -(-nnz // attrs["settings"]["shard_elements"])
+    for name in (TOKENS, VALUES):
+        if any(not (path / name / "c" / str(i)).is_file() for i in range(shards)):
+            raise StoreError(f"{path}: incomplete store ({name!r} shards missing)")
+
+
+def _override(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(map(_override, value)) + "]"
+    return str(value)
+
+
+def compile_command(attrs: dict, project_path: str | Path, base: dict | None = None) -> str:
+    """The compile command that rebuilds a store with the settings it was compiled with.
+
+    Parameters
+    ----------
+    attrs
+        The store's root attributes (:func:`read_attrs`).
+    project_path
+        ``PATH.PROJECT_PATH`` of the command.
+    base
+        The byte settings a plain compile of the project uses (e.g. the training config's
+        ``compile.*``): only the settings that differ become overrides. None: all of them.
+    """
+    recorded = attrs.get("settings", {})
+    overrides = [
+        f"compile.{k}={_override(recorded[k])}"
+        for k in BYTE_SETTINGS
+        if k in recorded and (base is None or base.get(k) != recorded[k])
+    ]
+    if fingerprint_mode(attrs) != "fast":
+        overrides.append(f"compile.fingerprint={fingerprint_mode(attrs)}")
+    return " ".join(
+        ["python -m preprocess.compile", f"PATH.PROJECT_PATH={project_path}", *overrides]
+    )
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -210,6 +402,10 @@ class TokenStore:
         """Flat tokens, values and local ``indptr`` of stored cells ``[start, stop)``."""
         a, b = int(self.indptr[start]), int(self.indptr[stop])
         return self._read(TOKENS, a, b), self._read(VALUES, a, b), self.indptr[start : stop + 1] - a
+
+    def value_range(self, start: int, stop: int) -> np.ndarray:
+        """Stored values of entries ``[start, stop)`` (across cells)."""
+        return self._read(VALUES, start, min(stop, int(self.attrs["nnz"])))
 
     @property
     def rows(self) -> np.ndarray:

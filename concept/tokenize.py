@@ -45,6 +45,21 @@ def _bits(n: int) -> int:
     return max(int(n).bit_length(), 1)
 
 
+def row_sums(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Float64 sum of every CSR row (``indptr`` starting at 0), without per-entry row ids.
+
+    ``np.add.reduceat`` runs over the nonempty rows only: their starts strictly increase
+    and each segment ends where the next nonempty row starts (or at ``indptr[-1]``), so
+    no entry is missed, whatever empty rows lie between or after them.
+    """
+    sums = np.zeros(len(indptr) - 1, np.float64)
+    nonempty = np.flatnonzero(indptr[1:] > indptr[:-1])
+    if len(nonempty):
+        entries = data[: indptr[-1]]
+        sums[nonempty] = np.add.reduceat(entries, indptr[nonempty], dtype=np.float64)
+    return sums
+
+
 def tokenize_csr(
     indptr: np.ndarray,
     indices: np.ndarray,
@@ -77,12 +92,7 @@ def tokenize_csr(
             raise InputError("NaN or infinite expression values")
         if data.min() < 0:
             raise InputError(f"negative expression values (min {data.min()})")
-    # per-cell sums over all genes (before masking), in float64, without per-entry row ids
-    starts = indptr[:-1]
-    total_counts = np.zeros(n, np.float64)
-    if data.size:
-        total_counts = np.add.reduceat(data, starts.clip(max=len(data) - 1), dtype=np.float64)
-        total_counts[starts == indptr[1:]] = 0.0  # reduceat yields an element for empty rows
+    total_counts = row_sums(indptr, data)
     nonzero = data != 0
     n_genes = np.diff(np.searchsorted(np.flatnonzero(nonzero), indptr)).astype(np.int32)
 

@@ -48,6 +48,7 @@ def make_jobs(cfg: Config) -> list[FileJob]:
             rows_per_read=c.rows_per_read,
             entries_per_read=c.entries_per_read,
             force=c.force,
+            fingerprint=c.fingerprint,
         )
         for f in files
     ]

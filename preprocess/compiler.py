@@ -9,13 +9,16 @@ Two passes with bounded memory:
    as whole Zarr shards.
 
 Only the per-cell index arrays grow with the number of cells (about 40 bytes per cell).
-The store is built under a temporary name and renamed when complete, under a per-store
-lock, so a killed compile never leaves a half store and two compiles never collide.
+The store is built under a temporary name, flushed to disk and swapped in when complete
+(:func:`replace_store`), under a per-store lock, so a killed compile never leaves a half
+store or loses the old one, and two compiles never collide.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno
 import fcntl
 import os
 import shutil
@@ -50,6 +53,7 @@ class FileJob:
     rows_per_read: int = 8192
     entries_per_read: int = 2_097_152
     force: bool = False
+    fingerprint: str = "fast"  # fast | full (concept.store.source_fingerprint)
 
 
 @dataclass
@@ -131,6 +135,22 @@ class _ShardWriter:
             w.result()
 
 
+def _value_dtype(job: FileJob, report: FileReport, integral: bool, vmax: float) -> np.dtype:
+    """Integer counts: the smallest unsigned type; other values: ``compile.value_dtype``,
+    or float32 when the file's largest value does not fit float16 (reported)."""
+    if integral:
+        return fmt.uint_dtype_for(vmax)
+    try:
+        dtype = fmt.float_dtype_for(job.settings["value_dtype"], vmax)
+    except ValueError as e:
+        raise InputError(f"{job.source}: {e}") from None
+    if dtype.name != job.settings["value_dtype"]:
+        report.warnings.append(
+            f"values up to {vmax:.6g} exceed the float16 range: stored as {dtype.name}"
+        )
+    return dtype
+
+
 def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, progress) -> dict:
     """Write the store into ``tmp``; return the per-store attributes to set."""
     import zarr
@@ -170,7 +190,8 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         n_genes = np.zeros(n, np.int32)
         nnz = np.zeros(n, np.int64)
         # Scratch values keep the exact input dtype when raw (the store's dtype depends on
-        # the file's max, known only at the end); normalized values go straight to theirs.
+        # the file's max, known only at the end); normalized values go straight to theirs
+        # (below 1e4 after totalcount, below 89 after log1p: float16 holds them).
         raw = s["normalization"] == "raw"
         vmax, integral, val_dtype = 0.0, raw, None
         try:
@@ -187,9 +208,9 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                 nnz[a : a + m] = np.diff(blk.indptr)
                 vals = blk.values if raw else blk.values.astype(s["value_dtype"])
                 val_dtype = vals.dtype
-                if integral and vals.size:
+                if raw and vals.size:
                     vmax = max(vmax, float(vals.max()))
-                    if vals.dtype.kind == "f":  # float storage of counts is common
+                    if integral and vals.dtype.kind == "f":  # float storage of counts is common
                         integral = bool(np.array_equal(vals, np.floor(vals)))
                 # Scatter this block's cells to their buckets, in bucket order.
                 bucket = out_pos[a : a + m] // bucket_cells
@@ -211,7 +232,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                 fh.close()
 
     val_dtype = val_dtype or np.dtype(np.float32)
-    store_vdtype = fmt.uint_dtype_for(vmax) if integral else np.dtype(s["value_dtype"])
+    store_vdtype = _value_dtype(job, report, integral, vmax)
     total = int(nnz.sum())
     comp = _compressors(s["compressor"])
     root = zarr.open_group(tmp, mode="a", zarr_format=3)
@@ -285,8 +306,91 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
     }
 
 
-def _clean_leftovers(out: Path) -> None:
-    """Remove temporary stores a killed compile left behind (caller holds the lock)."""
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system or the filesystem cannot (the caller falls back).
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_store(tmp: Path, out: Path) -> None:
+    """Put the complete store ``tmp`` in place as ``out``, durably.
+
+    The new store is flushed to disk first. An existing store is then swapped with it in
+    one atomic exchange, so ``out`` always names a complete store; where the filesystem
+    cannot exchange, the old store is moved aside to ``.<name>.old-<pid>`` first and
+    :func:`recover` puts it back if the process dies before the new one is in place.
+    The old store is removed last.
+    """
+    _fsync_tree(tmp)
+    old = tmp
+    if not out.exists():
+        os.rename(tmp, out)
+    elif not _exchange(tmp, out):  # after an exchange, tmp holds the old store
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        _fsync_dir(out.parent)
+        os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover(out: Path) -> None:
+    """Finish what a killed compile left behind (the caller holds the store's lock).
+
+    A store moved aside by :func:`replace_store` while ``out`` is missing is moved back
+    (never deleted: it may be the only complete copy); temporary stores are removed.
+    """
+    if not out.exists():
+        for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+            try:
+                fmt.read_attrs(old)
+            except fmt.StoreError:
+                continue
+            os.rename(old, out)
+            _fsync_dir(out.parent)
+            break
     for p in out.parent.glob(f".{out.name}.*-*"):
         shutil.rmtree(p, ignore_errors=True)
 
@@ -315,11 +419,12 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
             raise InputError(f"{job.source}: file not found")
         for p in job.panels:
             read_panel(p)  # a malformed panel fails its species' files, loudly
-        expected = fmt.expected_attrs(
-            job.source, mapping.sha256, list(map(Path, job.panels)), job.settings
-        )
         with store_lock(out):
-            if not job.force and fmt.stale_reason(out, expected) is None:
+            recover(out)
+            if (
+                not job.force
+                and fmt.stale_reason(out, job.source, mapping.sha256, job.settings) is None
+            ):
                 attrs = fmt.read_attrs(out)
                 report.status, report.n_cells, report.nnz = (
                     "skipped",
@@ -328,7 +433,8 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
                 )
                 report.coverage = attrs["n_var_mapped"] / max(attrs["n_var_source"], 1)
                 return report
-            _clean_leftovers(out)
+            # the inputs as they are now, before the build reads them
+            inputs = fmt.current_attrs(job.source, mapping.sha256, job.settings, job.fingerprint)
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
             try:
                 attrs = _build(job, mapping, tmp, report, progress)
@@ -344,17 +450,11 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
                         "normalization": job.settings["normalization"],
                         "shuffle_seed": job.settings["shuffle_seed"],
                         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                        **expected,
+                        **inputs,
                         **attrs,
                     }
                 )
-                if out.exists():  # replace: move the old store aside first, then swap
-                    old = out.parent / f".{out.name}.old-{os.getpid()}"
-                    out.rename(old)
-                    tmp.rename(out)
-                    shutil.rmtree(old)
-                else:
-                    tmp.rename(out)
+                replace_store(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         report.status = "compiled"
