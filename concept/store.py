@@ -103,9 +103,9 @@ def float_dtype_for(requested: str, max_value: float) -> np.dtype:
     ValueError
         ``max_value`` does not fit float32 either.
     """
-    if max_value > np.finfo(np.float32).max:
+    if max_value > float(np.finfo(np.float32).max):
         raise ValueError(f"value {max_value:.6g} does not fit float32")
-    if requested == "float16" and max_value > np.finfo(np.float16).max:
+    if requested == "float16" and max_value > float(np.finfo(np.float16).max):
         return np.dtype(np.float32)
     return np.dtype(requested)
 
