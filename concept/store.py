@@ -163,8 +163,9 @@ def source_stat(path: str | Path) -> dict:
 
 
 def fingerprint_mode(attrs: dict) -> str:
-    """The fingerprint mode a store was compiled with."""
-    return str(attrs.get("source_fingerprint", "fast:")).split(":", 1)[0]
+    """The fingerprint mode a store was compiled with (``fast`` for stores before modes)."""
+    mode = str(attrs.get("source_fingerprint", "")).split(":", 1)[0]
+    return mode if mode in FINGERPRINTS else "fast"
 
 
 def current_attrs(source: str | Path, vocab_sha256: str, settings: dict, mode: str) -> dict:
@@ -176,6 +177,7 @@ def current_attrs(source: str | Path, vocab_sha256: str, settings: dict, mode: s
     return {
         "format_version": FORMAT_VERSION,
         "compiler_version": COMPILER_VERSION,
+        # fingerprint before stat: a change in between makes compile, not training, see it
         "source_fingerprint": source_fingerprint(source, mode),
         "source_stat": source_stat(source),
         "vocab_sha256": vocab_sha256,
