@@ -54,7 +54,7 @@ def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
                 )
             reason = (
                 f"{out}: not compiled (source {f.path} not found)"
-                if not f.path.is_file()
+                if not f.path.exists()  # a file, or an AnnData .zarr folder
                 else stale_reason(
                     out,
                     expected_attrs(

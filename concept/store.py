@@ -89,7 +89,8 @@ def uint_dtype_for(max_value: float) -> np.dtype:
 
 
 def store_path(compiled_root: str | Path, source_name: str, stem: str) -> Path:
-    """``<COMPILED_ROOT>/<source_name>/<stem>.zarr``."""
+    """``<COMPILED_ROOT>/<source_name>/<stem>.zarr``; ``stem`` is the source file's path
+    relative to its split's ``source_path`` without suffix (``sample1/adata``)."""
     return Path(compiled_root) / source_name / f"{stem}.zarr"
 
 
@@ -101,12 +102,23 @@ def store_key(source_name: str, stem: str) -> str:
 def source_fingerprint(path: str | Path) -> str:
     """Size, mtime and the first and last MiB: cheap, and changes whenever the file does."""
     path = Path(path)
+    if path.is_dir():  # an AnnData .zarr folder
+        return _tree_fingerprint(path)
     st = path.stat()
     h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
     with path.open("rb") as fh:
         h.update(fh.read(1 << 20))
         fh.seek(max(st.st_size - (1 << 20), 0))
         h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def _tree_fingerprint(path: Path) -> str:
+    """Every file's relative path, size and mtime under a folder."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        st = p.stat()
+        h.update(f"{p.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
