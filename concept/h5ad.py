@@ -52,6 +52,11 @@ def _current_frame(elem) -> bool:
     )
 
 
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of integer keys in ``[0, bound)``: a radix sort when they fit 16 bits."""
+    return np.argsort(keys.astype(np.uint16 if bound <= 1 << 16 else np.int64), kind="stable")
+
+
 def row_ranges(
     indptr: np.ndarray, rows_per_block: int, max_entries: int | None
 ) -> Iterator[tuple[int, int]]:
@@ -316,7 +321,7 @@ class H5adSource:
                 cols = np.repeat(np.arange(c0, c1, dtype=np.int32), np.diff(colptr[c0 : c1 + 1]))
                 vals = data[lo:hi]
                 blk = np.searchsorted(starts, rows, "right") - 1
-                order = np.argsort(blk, kind="stable")  # keeps column order within a block
+                order = _stable_order(blk, len(blocks))  # keeps column order within a block
                 cuts = np.searchsorted(blk[order], np.arange(len(blocks) + 1))
                 for k in np.flatnonzero(np.diff(cuts)):
                     sel = order[cuts[k] : cuts[k + 1]]
@@ -332,7 +337,7 @@ class H5adSource:
                 )
                 for p in files[k]:
                     p.unlink(missing_ok=True)
-                order = np.argsort(r, kind="stable")  # row order, columns ascending within
+                order = _stable_order(r, b - a)  # row order, columns ascending within
                 yield a, rowptr[a : b + 1] - rowptr[a], c[order], v[order]
 
     @property

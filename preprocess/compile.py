@@ -187,8 +187,9 @@ def check_output_folders(cfg: Config, jobs: list[FileJob]) -> None:
             ) from None
 
 
-def write_report(cfg: Config, reports: list[FileReport]) -> None:
-    """``compile_report[_<i>of<n>].json`` under the compiled root."""
+def write_report(cfg: Config, reports: list[FileReport]) -> bool:
+    """``compile_report[_<i>of<n>].json`` under the compiled root; False (said on stderr)
+    when it cannot be written (a full disk)."""
     root = Path(cfg.PATH.COMPILED_ROOT)
     suffix = (
         f"_{cfg.compile.shard_index}of{cfg.compile.num_shards}"
@@ -204,6 +205,8 @@ def write_report(cfg: Config, reports: list[FileReport]) -> None:
         path.write_text(text)
     except OSError as e:
         print(f"error: cannot write {path} ({e.strerror or e})", file=sys.stderr)
+        return False
+    return True
 
 
 def run(cfg: Config) -> int:
@@ -216,10 +219,10 @@ def run(cfg: Config) -> int:
     workers = min(cfg.compile.workers or os.cpu_count() or 1, len(jobs))
     reports = run_jobs(jobs, workers)
     print_report(reports)
-    write_report(cfg, reports)
+    written = write_report(cfg, reports)
     if cfg.compile.register:
         register(cfg, jobs, reports)
-    return 1 if any(r.status == "failed" for r in reports) else 0
+    return 1 if not written or any(r.status == "failed" for r in reports) else 0
 
 
 main = entry_point(run)
