@@ -19,6 +19,7 @@ import pytest
 import scipy.sparse as sp
 
 from concept.config import ConfigError, load_config
+from concept.datamodule import read_mappings, resolve_stores
 from concept.h5ad import H5adSource
 from concept.splits import resolve_split_list
 from concept.store import open_store
@@ -278,6 +279,9 @@ def test_zarr_anndata_compiles_and_verifies(project, capsys):
     assert_matches_source(project, "donor", path)
     code, files = project.compile()
     assert files["mine/donor"]["status"] == "skipped"  # the folder's fingerprint is stable
+    cfg = project.config()
+    stores = resolve_stores(cfg, read_mappings(cfg))  # training finds it current
+    assert stores.train == [project.root / "compiled/mine/donor.zarr"]
     capsys.readouterr()
     assert verify.run(project.config()) == 0
     assert "ok   mine/donor: 17 cells checked" in capsys.readouterr().out
