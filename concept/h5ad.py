@@ -1,84 +1,185 @@
-"""Read ``.h5ad`` files in row blocks, without loading the expression matrix whole.
+"""Read AnnData files in row blocks, without loading the expression matrix whole.
 
-Used by the compiler and by ``concept.embed`` (never on the training path). The matrix
-comes from ``raw/X`` when the file has ``raw`` (else ``X``), or from the source the
-caller names (``X``, ``raw``, ``layers/<name>``). CSR and dense matrices are read block
-by block; a CSC matrix cannot be cut into row blocks cheaply, so it is read whole and
-converted once (said in a warning: rewrite such files as CSR for bounded memory).
+Used by the compiler and by ``concept.embed`` (never on the training path). A file is an
+``.h5ad`` (HDF5) or an AnnData ``.zarr`` folder (``adata.write_zarr``); both are read
+through the same element API. The matrix comes from ``raw/X`` when the file has ``raw``
+(else ``X``; else its only layer, said in a warning), or from the source the caller
+names (``X``, ``raw``, ``layers/<name>``).
+
+CSR and dense matrices are read block by block. A CSC matrix is converted in bounded
+memory: column blocks are scattered into per-row-block scratch files, then each row block
+is sorted and handed out as CSR. Files written before anndata's versioned encoding
+(anndata < 0.7: compound ``obs``/``var`` datasets, ``h5sparse`` matrices, ``raw.X``)
+are read through anndata's own readers (``read_h5ad(backed="r")``, ``sparse_dataset``).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from concept.vocab import InputError
+from concept.vocab import InputError, TokenMapping
 
 log = logging.getLogger(__name__)
+
+DEFAULT_ENTRIES = 2_097_152  # entries per CSC column block when the caller sets no bound
 
 
 def _decode(a: np.ndarray) -> np.ndarray:
     return a.astype(str) if a.dtype.kind in "SO" else a
 
 
+def _attr(elem, name: str, default=None):
+    value = elem.attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _is_array(elem) -> bool:
+    return hasattr(elem, "shape") and hasattr(elem, "dtype")
+
+
+def _current_frame(elem) -> bool:
+    """A dataframe in anndata's current encoding, whose columns can be read one by one."""
+    return (
+        not _is_array(elem)
+        and _attr(elem, "encoding-type") == "dataframe"
+        and _attr(elem, "encoding-version") == "0.2.0"
+    )
+
+
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of integer keys in ``[0, bound)``: a radix sort when they fit 16 bits."""
+    return np.argsort(keys.astype(np.uint16 if bound <= 1 << 16 else np.int64), kind="stable")
+
+
+def row_ranges(
+    indptr: np.ndarray, rows_per_block: int, max_entries: int | None
+) -> Iterator[tuple[int, int]]:
+    """``[a, b)`` row ranges of a compressed matrix: at most ``rows_per_block`` rows and,
+    when given, about ``max_entries`` stored entries each (at least one row)."""
+    n, a = len(indptr) - 1, 0
+    while a < n:
+        b = min(a + rows_per_block, n)
+        if max_entries:
+            fit = int(np.searchsorted(indptr, indptr[a] + max_entries, "right")) - 1
+            b = max(min(b, fit), a + 1)
+        yield a, b
+        a = b
+
+
 class H5adSource:
-    """An open ``.h5ad`` file: its genes, obs columns and expression blocks.
+    """An open AnnData file: its genes, obs columns and expression blocks.
 
     Parameters
     ----------
     path
-        The file.
+        An ``.h5ad`` file or an AnnData ``.zarr`` folder.
     x_source
-        ``auto`` (``raw/X`` if present, else ``X``), ``X``, ``raw`` or ``layers/<name>``.
+        ``auto`` (``raw/X`` if present, else ``X``, else the only layer), ``X``, ``raw`` or
+        ``layers/<name>``.
+
+    Attributes
+    ----------
+    warnings
+        What the reader decided on its own (a layer chosen, a legacy encoding), for reports.
     """
 
     def __init__(self, path: str | Path, x_source: str = "auto"):
-        import h5py
-
         self.path = Path(path)
-        if not self.path.is_file():
+        self.warnings: list[str] = []
+        self._legacy = None  # backed AnnData, opened only for legacy-encoded obs/var
+        self._frames: dict = {}
+        self._f = None
+        if not self.path.exists():
             raise InputError(f"{self.path}: file not found")
+        kind = "AnnData zarr folder" if self.path.is_dir() else "h5ad"
         try:
-            self._f = h5py.File(self.path, "r")
+            if self.path.is_dir():
+                import zarr
+
+                self._f = zarr.open_group(self.path, mode="r")
+            else:
+                import h5py
+
+                self._f = h5py.File(self.path, "r")
             self._open(x_source)
         except InputError:
+            self.close()
             raise
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"{self.path}: unreadable or truncated h5ad ({e})") from None
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            self.close()
+            raise InputError(f"{self.path}: unreadable or truncated {kind} ({e})") from None
+
+    # --- layout ---------------------------------------------------------------------------
+
+    def _raw_key(self) -> str | None:
+        f = self._f
+        if "raw" in f and not _is_array(f["raw"]) and "X" in f["raw"]:
+            return "raw/"
+        return "raw." if "raw.X" in f else None  # anndata < 0.7 kept raw at the top level
+
+    def matrices(self) -> list[str]:
+        """The expression matrices the file holds, as ``x_source`` values."""
+        f = self._f
+        out = ["X"] if "X" in f else []
+        if self._raw_key():
+            out.append("raw")
+        if "layers" in f and not _is_array(f["layers"]):
+            out += [f"layers/{k}" for k in sorted(f["layers"])]
+        return out
 
     def _open(self, x_source: str) -> None:
-        f = self._f
+        have = self.matrices()
         if x_source == "auto":
-            x_source = "raw" if "raw" in f and "X" in f["raw"] else "X"
+            if "raw" in have or "X" in have:
+                x_source = "raw" if "raw" in have else "X"
+            elif len(have) == 1:
+                x_source = have[0]
+                self.warnings.append(
+                    f"no X or raw/X: reading {x_source}, the file's only matrix "
+                    f"(x_source={x_source} chooses it explicitly)"
+                )
+            else:
+                raise InputError(
+                    f"{self.path}: no X or raw/X; the file's matrices are {have}: choose one "
+                    "with compile.x_source=<matrix> (embed: x_source=<matrix>)"
+                )
+        elif x_source not in have:
+            raise InputError(
+                f"{self.path}: x_source={x_source} is not in the file; its matrices are "
+                f"{have}: pass compile.x_source=<one of them> (embed: x_source=<one of them>)"
+            )
         self.x_source = x_source
-        if x_source == "raw":
-            if "raw" not in f or "X" not in f["raw"]:
-                raise InputError(f"{self.path}: compile.x_source=raw but the file has no raw/X")
-            self._x, var = f["raw/X"], f["raw/var"]
-        elif x_source == "X":
-            self._x, var = f["X"], f["var"]
-        else:
-            if x_source not in f:
-                raise InputError(f"{self.path}: compile.x_source={x_source} not in the file")
-            self._x, var = f[x_source], f["var"]
-        self._var = var
-        enc = self._x.attrs.get("encoding-type", "array")
-        if isinstance(enc, bytes):
-            enc = enc.decode()
-        self.encoding = enc
-        if enc in ("csr_matrix", "csc_matrix"):
-            self.shape = tuple(int(s) for s in self._x.attrs["shape"])
-        elif enc == "array":
-            self.shape = tuple(self._x.shape)
-        else:
-            raise InputError(f"{self.path}: unsupported matrix encoding {enc!r} in {x_source}")
+        raw = self._raw_key() if x_source == "raw" else None
+        self._x = self._f[f"{raw}X" if raw else x_source]
+        self._var_key = f"{raw}var" if raw else "var"
+        x = self._x
+        if _is_array(x):
+            self.encoding, self.shape = "array", tuple(int(s) for s in x.shape)
+        else:  # a sparse group, current or legacy (h5sparse) attributes: anndata decodes them
+            from anndata.io import sparse_dataset
+
+            try:
+                ds = sparse_dataset(x)
+            except Exception as e:  # anndata's own message says which encoding it is
+                raise InputError(
+                    f"{self.path}: unsupported matrix encoding in {x_source} ({e})"
+                ) from None
+            self.encoding, self.shape = f"{ds.format}_matrix", tuple(int(s) for s in ds.shape)
+        if len(self.shape) != 2:
+            raise InputError(f"{self.path}: {x_source} is not a 2-D matrix (shape {self.shape})")
         self.n_cells, self.n_vars = self.shape
 
     def close(self) -> None:
-        self._f.close()
+        if self._legacy is not None:
+            self._legacy.file.close()
+        if self._f is not None and hasattr(self._f, "close"):
+            self._f.close()
 
     def __enter__(self) -> H5adSource:
         return self
@@ -86,25 +187,70 @@ class H5adSource:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # --- obs and var ----------------------------------------------------------------------
+
+    def _frame(self, key: str):
+        """``obs`` or the matrix's ``var`` as a DataFrame, decoded by anndata (encodings the
+        column-by-column path does not read)."""
+        if key in self._frames:
+            return self._frames[key]
+        elem = self._f[key]
+        if not _is_array(elem) and _attr(elem, "encoding-type") == "dataframe":
+            from anndata.io import read_elem
+
+            self._frames[key] = read_elem(elem)
+            return self._frames[key]
+        if self._legacy is None:  # anndata < 0.7: only anndata's file reader decodes it
+            import anndata as ad
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._legacy = ad.read_h5ad(self.path, backed="r")
+            self.warnings.append("written by anndata < 0.7: obs and var read through anndata")
+        if key == "obs":
+            return self._legacy.obs
+        return self._legacy.raw.var if key != "var" else self._legacy.var
+
+    def var_columns(self) -> list[str]:
+        """Columns of the matrix's ``var``."""
+        elem = self._f[self._var_key]
+        if _current_frame(elem):
+            return [str(c) for c in _attr(elem, "column-order", [])]
+        return [str(c) for c in self._frame(self._var_key).columns]
+
     def var_ids(self, column: str | None = None) -> np.ndarray:
         """Gene ids: ``var_names``, or a var column."""
-        from anndata.io import read_elem
+        elem = self._f[self._var_key]
+        if column is not None and column not in self.var_columns():
+            raise InputError(
+                f"{self.path}: var has no column {column!r} (columns: {self.var_columns()})"
+            )
+        if _current_frame(elem):
+            from anndata.io import read_elem
 
-        if column is None:
-            index_name = self._var.attrs.get("_index", "_index")
-            return _decode(self._var[index_name][:])
-        if column not in self._var:
-            raise InputError(f"{self.path}: var has no column {column!r}")
-        return np.asarray(read_elem(self._var[column])).astype(str)
+            if column is None:
+                return _decode(np.asarray(elem[_attr(elem, "_index", "_index")][:]))
+            return np.asarray(read_elem(elem[column])).astype(str)
+        frame = self._frame(self._var_key)
+        return np.asarray(frame.index if column is None else frame[column]).astype(str)
 
     def obs_column(self, key: str) -> tuple[np.ndarray, list[str]] | None:
         """Codes (int32, -1 missing) and categories of an obs column; None if absent."""
-        from anndata.io import read_elem
+        import pandas as pd
 
         obs = self._f["obs"]
-        if key not in obs:
-            return None
-        values = read_elem(obs[key])
+        if _current_frame(obs):
+            from anndata.io import read_elem
+
+            if key not in obs:
+                return None
+            values = read_elem(obs[key])
+        else:
+            frame = self._frame("obs")
+            if key not in frame.columns:
+                return None
+            col = frame[key]
+            values = col.array if isinstance(col.dtype, pd.CategoricalDtype) else col.to_numpy()
         if hasattr(values, "categories"):  # pandas Categorical
             return np.asarray(values.codes, dtype=np.int32), [str(c) for c in values.categories]
         values = np.asarray(values)
@@ -114,36 +260,29 @@ class H5adSource:
         out[~missing] = codes
         return out, [str(c) for c in cats]
 
+    # --- expression -----------------------------------------------------------------------
+
     def blocks(
-        self, rows_per_block: int, max_entries: int | None = None
+        self,
+        rows_per_block: int,
+        max_entries: int | None = None,
+        scratch_dir: str | Path | None = None,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(first_row, indptr, indices, data)`` CSR blocks of consecutive rows.
 
         A block has at most ``rows_per_block`` rows and, when given, about ``max_entries``
-        stored entries (at least one row): memory follows entries, not rows.
+        stored entries (at least one row): memory follows entries, not rows. A CSC matrix
+        needs scratch space on disk about the size of its entries, in a temporary folder
+        under ``scratch_dir`` (default: the system's).
         """
         n = self.n_cells
         if self.encoding == "csr_matrix":
             indptr = self._x["indptr"][:].astype(np.int64)
-            a = 0
-            while a < n:
-                b = min(a + rows_per_block, n)
-                if max_entries:
-                    fit = int(np.searchsorted(indptr, indptr[a] + max_entries, "right")) - 1
-                    b = max(min(b, fit), a + 1)
+            for a, b in row_ranges(indptr, rows_per_block, max_entries):
                 lo, hi = indptr[a], indptr[b]
                 yield a, indptr[a : b + 1], self._x["indices"][lo:hi], self._x["data"][lo:hi]
-                a = b
         elif self.encoding == "csc_matrix":
-            import scipy.sparse as sp
-
-            log.warning("%s: CSC matrix is read whole (rewrite as CSR to bound memory)", self.path)
-            x = sp.csc_matrix(
-                (self._x["data"][:], self._x["indices"][:], self._x["indptr"][:]), shape=self.shape
-            ).tocsr()
-            for a in range(0, n, rows_per_block):
-                blk = x[a : a + rows_per_block]
-                yield a, blk.indptr.astype(np.int64), blk.indices, blk.data
+            yield from self._csc_blocks(rows_per_block, max_entries or DEFAULT_ENTRIES, scratch_dir)
         else:
             if max_entries:
                 rows_per_block = max(min(rows_per_block, max_entries // max(self.n_vars, 1)), 1)
@@ -154,7 +293,103 @@ class H5adSource:
                 indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
                 yield a, indptr, c.astype(np.int32), dense[r, c]
 
+    def _csc_blocks(self, rows_per_block: int, max_entries: int, scratch_dir):
+        """CSC -> CSR row blocks with about ``max_entries`` entries in memory at a time.
+
+        Pass 1 counts each row's entries (column blocks of ``indices``); pass 2 appends each
+        column block's entries to the scratch files of their row blocks; then each row block
+        is read back, put in row order and yielded.
+        """
+        n = self.n_cells
+        colptr = self._x["indptr"][:].astype(np.int64)
+        indices, data = self._x["indices"], self._x["data"]
+        col_blocks = list(row_ranges(colptr, self.n_vars, max_entries))
+        counts = np.zeros(n, np.int64)
+        for c0, c1 in col_blocks:
+            counts += np.bincount(indices[colptr[c0] : colptr[c1]], minlength=n)
+        rowptr = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=rowptr[1:])
+        del counts
+        blocks = list(row_ranges(rowptr, rows_per_block, max_entries))
+        starts = np.array([a for a, _ in blocks], np.int64)
+        with tempfile.TemporaryDirectory(prefix=".csc-", dir=scratch_dir) as tmp:
+            files = [[Path(tmp) / f"{k}.{part}" for part in "rcv"] for k in range(len(blocks))]
+            vdtype = data.dtype
+            for c0, c1 in col_blocks:
+                lo, hi = colptr[c0], colptr[c1]
+                rows = indices[lo:hi].astype(np.int64)
+                cols = np.repeat(np.arange(c0, c1, dtype=np.int32), np.diff(colptr[c0 : c1 + 1]))
+                vals = data[lo:hi]
+                blk = np.searchsorted(starts, rows, "right") - 1
+                order = _stable_order(blk, len(blocks))  # keeps column order within a block
+                cuts = np.searchsorted(blk[order], np.arange(len(blocks) + 1))
+                for k in np.flatnonzero(np.diff(cuts)):
+                    sel = order[cuts[k] : cuts[k + 1]]
+                    local = (rows[sel] - starts[k]).astype(np.int32)
+                    for path, arr in zip(files[k], (local, cols[sel], vals[sel]), strict=True):
+                        with open(path, "ab") as fh:
+                            arr.tofile(fh)
+                del rows, cols, vals, blk, order
+            for k, (a, b) in enumerate(blocks):
+                r, c, v = (
+                    np.fromfile(p, dtype=dt) if p.exists() else np.empty(0, dt)
+                    for p, dt in zip(files[k], (np.int32, np.int32, vdtype), strict=True)
+                )
+                for p in files[k]:
+                    p.unlink(missing_ok=True)
+                order = _stable_order(r, b - a)  # row order, columns ascending within
+                yield a, rowptr[a : b + 1] - rowptr[a], c[order], v[order]
+
     @property
     def nnz_hint(self) -> int | None:
         """Stored entries of a sparse matrix (None for dense): sizes the compiler's buffers."""
         return int(self._x["data"].shape[0]) if self.encoding != "array" else None
+
+
+def match_genes(
+    src: H5adSource, mapping: TokenMapping, species: str, column: str | None = None
+) -> tuple[np.ndarray, str, str | None]:
+    """Tokens of the file's genes and where their ids came from.
+
+    With ``column=None`` the ids are ``var_names``; when none of them is in the
+    vocabulary (symbols in ``var_names``, ids in ``var['gene_ids']``, as scanpy writes
+    10x data), the var column that matches the most genes is used instead.
+
+    Returns
+    -------
+    col_tokens, source, note
+        Token of each column (-1 outside the vocabulary), ``"var_names"`` or
+        ``"var/<column>"``, and a sentence for the report when a column was chosen here.
+
+    Raises
+    ------
+    InputError
+        No gene overlaps; the message shows sample ids of both sides and the var columns.
+    """
+    ids = src.var_ids(column)
+    tokens = mapping.tokens_of(ids)
+    if (tokens >= 0).any():
+        return tokens, "var_names" if column is None else f"var/{column}", None
+    columns = src.var_columns()
+    if column is None:
+        best = None
+        for c in columns:
+            t = mapping.tokens_of(src.var_ids(c))
+            if (t >= 0).sum() > (0 if best is None else (best[1] >= 0).sum()):
+                best = (c, t)
+        if best is not None:
+            c, t = best
+            note = (
+                f"var_names match no {species} gene id; genes matched on var column {c!r} "
+                f"({int((t >= 0).sum())} of {len(t)}): compile.var_column={c} chooses it "
+                "explicitly"
+            )
+            return t, f"var/{c}", note
+    where = "var_names" if column is None else f"var column {column!r}"
+    vocab = mapping.gene_ids[2:5]
+    raise InputError(
+        f"{src.path}: no gene overlaps the {species} vocabulary: {where} look like "
+        f"{[str(g) for g in ids[:3]]}, the vocabulary's ids ({mapping.path}) like {vocab}; "
+        f"no var column matches either (columns: {columns}). Pass compile.var_column=<column "
+        "with the vocabulary's ids>, or map the genes to those ids first"
+    )

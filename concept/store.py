@@ -111,7 +111,8 @@ def float_dtype_for(requested: str, max_value: float) -> np.dtype:
 
 
 def store_path(compiled_root: str | Path, source_name: str, stem: str) -> Path:
-    """``<COMPILED_ROOT>/<source_name>/<stem>.zarr``."""
+    """``<COMPILED_ROOT>/<source_name>/<stem>.zarr``; ``stem`` is the source file's path
+    relative to its split's ``source_path`` without suffix (``sample1/adata``)."""
     return Path(compiled_root) / source_name / f"{stem}.zarr"
 
 
@@ -135,6 +136,8 @@ def source_fingerprint(path: str | Path, mode: str = "fast") -> str:
         whole file; a byte-identical copy has the same fingerprint).
     """
     path = Path(path)
+    if path.is_dir():  # an AnnData .zarr folder: its files' paths, sizes and mtimes
+        return f"{mode}:{_tree_fingerprint(path)}"
     with path.open("rb") as fh:
         st = os.fstat(fh.fileno())
         if mode == "full":
@@ -157,9 +160,29 @@ def source_fingerprint(path: str | Path, mode: str = "fast") -> str:
 
 
 def source_stat(path: str | Path) -> dict:
-    """Size and mtime of a source: the check training can afford (no bytes read)."""
-    st = Path(path).stat()
+    """Size and mtime of a source: the check training can afford (no bytes read).
+
+    For an AnnData ``.zarr`` folder: the total size and the newest mtime of its files (a
+    folder's own mtime does not change when a chunk inside it is rewritten).
+    """
+    path = Path(path)
+    if path.is_dir():
+        stats = [q.stat() for q in path.rglob("*") if q.is_file()]
+        return {
+            "size": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+        }
+    st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _tree_fingerprint(path: Path) -> str:
+    """Every file's relative path, size and mtime under a folder."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        st = p.stat()
+        h.update(f"{p.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def fingerprint_mode(attrs: dict) -> str:
@@ -264,7 +287,7 @@ def check_store(
         _check_complete(Path(path), attrs)
     except StoreError as e:
         return str(e)
-    if source is not None and Path(source).is_file():
+    if source is not None and Path(source).exists():  # a file or a .zarr folder
         now, then = source_stat(source), attrs["source_stat"]
         keys = ("size",) if fingerprint_mode(attrs) == "full" else ("size", "mtime_ns")
         if any(now[k] != then[k] for k in keys):

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
@@ -20,8 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from concept.cli import entry_point
-from concept.config import Config
-from concept.splits import SplitFile, configured_files
+from concept.config import Config, ConfigError
+from concept.h5ad import H5adSource
+from concept.splits import SplitFile, check_store_names, configured_files
 from concept.store import BYTE_SETTINGS, read_attrs, store_key, store_path
 from concept.vocab import panel_files
 from preprocess.compiler import FileJob, FileReport, compile_file
@@ -30,9 +32,19 @@ log = logging.getLogger("preprocess.compile")
 
 
 def make_jobs(cfg: Config) -> list[FileJob]:
-    """One job per configured file of this shard (``compile.shard_index`` of ``num_shards``)."""
+    """One job per configured file of this shard (``compile.shard_index`` of ``num_shards``).
+
+    Raises
+    ------
+    ConfigError
+        Two configured files would share a store (checked over all shards' files).
+    """
     c = cfg.compile
-    files: list[SplitFile] = configured_files(cfg, tuple(c.splits))[c.shard_index :: c.num_shards]
+    files: list[SplitFile] = configured_files(cfg, tuple(c.splits))
+    collisions = check_store_names(files)
+    if collisions:
+        raise ConfigError("\n".join(dict.fromkeys(collisions.values())) + "\nnothing compiled")
+    files = files[c.shard_index :: c.num_shards]
     settings = {k: getattr(c, k) for k in BYTE_SETTINGS}
     mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
     return [
@@ -42,6 +54,7 @@ def make_jobs(cfg: Config) -> list[FileJob]:
             source_name=f.source_name,
             section=f.section,
             out=str(store_path(cfg.PATH.COMPILED_ROOT, f.source_name, f.stem)),
+            name=f.stem,
             mapping=str(mappings / f"{f.species}.csv"),
             panels=[str(p) for p in panel_files(cfg.PATH.PANELS_PATH, f.species)],
             settings=settings,
@@ -56,18 +69,11 @@ def make_jobs(cfg: Config) -> list[FileJob]:
 
 def _total_cells(jobs: list[FileJob]) -> int | None:
     """Cells to process, for the progress bar (None if a file cannot be sized)."""
-    import h5py
-
     total = 0
     for j in jobs:
         try:
-            with h5py.File(j.source, "r") as f:
-                x = (
-                    f["raw/X"]
-                    if "raw" in f and j.settings["x_source"] in ("auto", "raw")
-                    else f["X"]
-                )
-                total += int(x.attrs["shape"][0]) if "shape" in x.attrs else x.shape[0]
+            with H5adSource(j.source, j.settings["x_source"]) as src:
+                total += src.n_cells
         except Exception:  # bad files are reported by their own job
             return None
     return total
@@ -103,17 +109,22 @@ def run_jobs(jobs: list[FileJob], workers: int) -> list[FileReport]:
 
 def print_report(reports: list[FileReport]) -> None:
     """The final table: one row per file."""
-    head = f"{'file':<28} {'species':<10} {'status':<9} {'cells':>9} {'nnz':>12} {'cover':>6} {'s':>7} {'cells/s':>9}"
+    head = (
+        f"{'store':<32} {'species':<10} {'status':<9} {'cells':>9} {'nnz':>12} {'cover':>6} "
+        f"{'dup':>5} {'s':>7} {'cells/s':>9} {'MiB':>6}"
+    )
     print(head)
     print("-" * len(head))
     for r in reports:
+        name = r.name if len(r.name) <= 32 else "..." + r.name[-29:]
         print(
-            f"{Path(r.file).name[:28]:<28} {r.species:<10} {r.status:<9} {r.n_cells:>9} {r.nnz:>12} "
-            f"{r.coverage:>6.1%} {r.seconds:>7.2f} {r.cells_per_s:>9.0f}"
+            f"{name:<32} {r.species:<10} {r.status:<9} {r.n_cells:>9} {r.nnz:>12} "
+            f"{r.coverage:>6.1%} {r.duplicate_genes:>5} {r.seconds:>7.2f} {r.cells_per_s:>9.0f} "
+            f"{r.peak_rss_mib:>6.0f}"
         )
     for r in reports:
         for w in r.warnings:
-            print(f"warning: {Path(r.file).name}: {w}")
+            print(f"warning: {r.file}: {w}")
         if r.error:
             print(f"error: {r.error}", file=sys.stderr)
     n = {s: sum(r.status == s for r in reports) for s in ("compiled", "skipped", "failed")}
@@ -129,7 +140,7 @@ def register(cfg: Config, jobs: list[FileJob], reports: list[FileReport]) -> Non
         if r.status == "failed":
             continue
         attrs = read_attrs(j.out)
-        key = store_key(j.source_name, Path(j.out).stem)
+        key = store_key(j.source_name, j.name)
         features = {
             "species": j.species,
             "split": j.section,
@@ -147,30 +158,72 @@ def register(cfg: Config, jobs: list[FileJob], reports: list[FileReport]) -> Non
         log.info("LaminDB: %s", summary)
 
 
+def check_output_folders(cfg: Config, jobs: list[FileJob]) -> None:
+    """Fail before any work when the project is missing or the stores' folders are read-only.
+
+    Raises
+    ------
+    ConfigError
+        ``PATH.PROJECT_PATH`` does not exist, or a folder a store (or its lock) goes into
+        cannot be written; nothing has been written then.
+    """
+    project = Path(cfg.PATH.PROJECT_PATH)
+    if not project.is_dir():
+        raise ConfigError(
+            f"PATH.PROJECT_PATH={project} does not exist: pass the project folder (the one "
+            "holding data/, references/ and panels/); nothing was written"
+        )
+    folders = {Path(cfg.PATH.COMPILED_ROOT)} | {Path(j.out).parent for j in jobs}
+    for folder in sorted(folders):
+        while not folder.exists():  # created on demand: its first existing parent must take it
+            folder = folder.parent
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"{folder} is not writable ({e.strerror}): compile writes stores, locks and "
+                "compile_report.json under PATH.COMPILED_ROOT; make it writable or set "
+                "PATH.COMPILED_ROOT to a writable folder; nothing was compiled"
+            ) from None
+
+
+def write_report(cfg: Config, reports: list[FileReport]) -> bool:
+    """``compile_report[_<i>of<n>].json`` under the compiled root; False (said on stderr)
+    when it cannot be written (a full disk)."""
+    root = Path(cfg.PATH.COMPILED_ROOT)
+    suffix = (
+        f"_{cfg.compile.shard_index}of{cfg.compile.num_shards}"
+        if cfg.compile.num_shards > 1
+        else ""
+    )
+    path = root / f"compile_report{suffix}.json"
+    text = json.dumps(
+        {"settings": asdict(cfg.compile), "files": [r.to_dict() for r in reports]}, indent=2
+    )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        print(f"error: cannot write {path} ({e.strerror or e})", file=sys.stderr)
+        return False
+    return True
+
+
 def run(cfg: Config) -> int:
     """Compile, report, register; exit code 1 if any file failed."""
     jobs = make_jobs(cfg)
+    check_output_folders(cfg, jobs)
     if not jobs:
         log.warning("no files to compile: check the configured splits")
         return 0
     workers = min(cfg.compile.workers or os.cpu_count() or 1, len(jobs))
     reports = run_jobs(jobs, workers)
     print_report(reports)
-    root = Path(cfg.PATH.COMPILED_ROOT)
-    root.mkdir(parents=True, exist_ok=True)
-    suffix = (
-        f"_{cfg.compile.shard_index}of{cfg.compile.num_shards}"
-        if cfg.compile.num_shards > 1
-        else ""
-    )
-    (root / f"compile_report{suffix}.json").write_text(
-        json.dumps(
-            {"settings": asdict(cfg.compile), "files": [r.to_dict() for r in reports]}, indent=2
-        )
-    )
+    written = write_report(cfg, reports)
     if cfg.compile.register:
         register(cfg, jobs, reports)
-    return 1 if any(r.status == "failed" for r in reports) else 0
+    return 1 if not written or any(r.status == "failed" for r in reports) else 0
 
 
 main = entry_point(run)

@@ -21,6 +21,7 @@ import datetime as dt
 import errno
 import fcntl
 import os
+import resource
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from concept import store as fmt
-from concept.h5ad import H5adSource
+from concept.h5ad import H5adSource, match_genes
 from concept.tokenize import drop_duplicate_columns, gather_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
 
@@ -42,11 +43,12 @@ BUCKET_ELEMENTS = 4 << 20  # entries per scratch bucket: bounds pass-2 memory (~
 class FileJob:
     """Everything one worker needs to compile one file (picklable)."""
 
-    source: str  # h5ad path
+    source: str  # h5ad file or AnnData .zarr folder
     species: str
     source_name: str
     section: str
     out: str  # final store path
+    name: str  # the store's name within its source (``sample1/adata``), see concept.splits
     mapping: str  # token-mapping CSV
     panels: list[str]
     settings: dict  # compile settings that change the store's bytes (fingerprinted)
@@ -63,12 +65,14 @@ class FileReport:
     section: str
     status: str  # compiled | skipped | failed
     store: str = ""
+    name: str = ""  # <source_name>/<store name>, as the table shows it
     n_cells: int = 0
     nnz: int = 0
     coverage: float = 0.0  # fraction of the file's genes found in the vocabulary
     n_cells_unmapped: int = 0  # cells with no mapped gene (kept, empty)
     duplicate_genes: int = 0  # source genes dropped as duplicates after mapping
     seconds: float = 0.0
+    peak_rss_mib: float = 0.0  # the compiling process's peak resident memory so far
     error: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -157,11 +161,10 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
 
     s = job.settings
     with H5adSource(job.source, s["x_source"]) as src:
-        col_tokens = mapping.tokens_of(src.var_ids(s["var_column"]))
+        col_tokens, var_source, note = match_genes(src, mapping, job.species, s["var_column"])
+        report.warnings += src.warnings + ([note] if note else [])
         report.duplicate_genes = drop_duplicate_columns(col_tokens)
         n_mapped = int((col_tokens >= 0).sum())
-        if n_mapped == 0:
-            raise InputError(f"{job.source}: no gene overlaps the {job.species} vocabulary")
         report.coverage = n_mapped / max(src.n_vars, 1)
         n = src.n_cells
         perm = np.random.default_rng(s["shuffle_seed"]).permutation(n)
@@ -175,7 +178,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         for key in s["obs_keys"]:
             col = src.obs_column(key)
             if col is None and key == "dataset":  # the reference's file-index key
-                col = (np.zeros(n, np.int32), [Path(job.source).stem])
+                col = (np.zeros(n, np.int32), [job.name])
             elif col is None:
                 report.warnings.append(f"obs column {key!r} missing: codes -1")
                 col = (np.full(n, -1, np.int32), [])
@@ -194,8 +197,10 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         # (below 1e4 after totalcount, below 89 after log1p: float16 holds them).
         raw = s["normalization"] == "raw"
         vmax, integral, val_dtype = 0.0, raw, None
+        vrange = [np.inf, -np.inf]  # of the stored values, for the non-integer warning
         try:
-            for a, indptr, indices, data in src.blocks(job.rows_per_read, job.entries_per_read):
+            blocks = src.blocks(job.rows_per_read, job.entries_per_read, scratch_dir=scratch)
+            for a, indptr, indices, data in blocks:
                 try:
                     blk = tokenize_csr(indptr, indices, data, col_tokens, s["normalization"])
                 except InputError as e:
@@ -208,6 +213,8 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                 nnz[a : a + m] = np.diff(blk.indptr)
                 vals = blk.values if raw else blk.values.astype(s["value_dtype"])
                 val_dtype = vals.dtype
+                if vals.size:
+                    vrange = [min(vrange[0], float(vals.min())), max(vrange[1], float(vals.max()))]
                 if raw and vals.size:
                     vmax = max(vmax, float(vals.max()))
                     if integral and vals.dtype.kind == "f":  # float storage of counts is common
@@ -231,6 +238,13 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
             for fh in tok_files + val_files:
                 fh.close()
 
+    if raw and not integral:
+        report.warnings.append(
+            f"values of {src.x_source} are not integer counts (range "
+            f"{vrange[0]:.4g}..{vrange[1]:.4g}) but compile.normalization=raw treats them as "
+            "counts; point compile.x_source at the raw counts (raw, layers/counts) if the file "
+            "has them"
+        )
     val_dtype = val_dtype or np.dtype(np.float32)
     store_vdtype = _value_dtype(job, report, integral, vmax)
     total = int(nnz.sum())
@@ -299,11 +313,30 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         "n_var_mapped": n_mapped,
         "n_var_source": int(len(col_tokens)),
         "x_source": src.x_source,
+        "var_source": var_source,
         "value_dtype": store_vdtype.name,
         "obs_keys": list(obs),
         "n_cells_unmapped": report.n_cells_unmapped,
         "duplicate_genes": report.duplicate_genes,
     }
+
+
+def _os_error(e: OSError, job: FileJob) -> str:
+    """One line for an operating-system error: a full disk and a read-only folder say so."""
+    out = Path(job.out)
+    # numpy's tofile reports a short write as "N requested and M written", without errno
+    if e.errno == errno.ENOSPC or "requested and" in str(e):
+        return (
+            f"{job.source}: no space left on device (ENOSPC) writing {e.filename or out.parent}: "
+            "free space there or set PATH.COMPILED_ROOT to a larger disk (earlier stores are "
+            "untouched)"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"{job.source}: cannot write {e.filename or out.parent} ({e.strerror}): make "
+            "PATH.COMPILED_ROOT writable or point it at a writable folder"
+        )
+    return f"{job.source}: {type(e).__name__}: {e}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -409,13 +442,20 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         Optional queue receiving the number of cells done after each block.
     """
     t0 = time.perf_counter()
-    report = FileReport(job.source, job.species, job.section, "failed", store=job.out)
+    report = FileReport(
+        job.source,
+        job.species,
+        job.section,
+        "failed",
+        store=job.out,
+        name=f"{job.source_name}/{job.name}",
+    )
     out = Path(job.out)
     try:
         if job.mapping not in _MAPPINGS:
             _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
         mapping = _MAPPINGS[job.mapping]
-        if not Path(job.source).is_file():
+        if not Path(job.source).exists():
             raise InputError(f"{job.source}: file not found")
         for p in job.panels:
             read_panel(p)  # a malformed panel fails its species' files, loudly
@@ -460,8 +500,11 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         report.status = "compiled"
     except InputError as e:
         report.error = str(e)  # InputErrors name their file (the h5ad, a mapping, a panel)
+    except OSError as e:
+        report.error = _os_error(e, job)
     except Exception as e:  # an unexpected failure of one file must not stop the others
         report.error = f"{job.source}: {type(e).__name__}: {e}"
     finally:
         report.seconds = time.perf_counter() - t0
+        report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report

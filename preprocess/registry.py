@@ -1,7 +1,8 @@
 """Register compiled Zarr stores in a local, offline LaminDB instance.
 
-Each compiled store ``<storage_root>/<source_name>/<stem>.zarr`` becomes one LaminDB artifact
-(key ``compiled/<source_name>/<stem>.zarr``) annotated with a fixed set of features, and each
+Each compiled store ``<storage_root>/<source_name>/<name>.zarr`` becomes one LaminDB artifact
+(key ``compiled/<source_name>/<name>.zarr``; ``<name>`` may contain folders, see
+``concept.splits``) annotated with a fixed set of features, and each
 split becomes a LaminDB collection of the current artifacts.
 
 The instance is local and offline: SQLite, storage root = the compiled root, settings and cache
@@ -73,7 +74,7 @@ class StoreRecord:
     path
         Absolute path of the ``.zarr`` directory; must lie inside the storage root.
     key
-        Artifact key, ``"compiled/<source_name>/<stem>.zarr"``.
+        Artifact key, ``"compiled/<source_name>/<name>.zarr"``.
     features
         Exactly the features of ``FEATURE_DTYPES`` (species, split, source_name, n_cells, nnz,
         format_version, vocab_sha256).
@@ -155,7 +156,7 @@ def lookup_stores(
     storage_root
         The instance's storage root.
     keys
-        Artifact keys, e.g. ``"compiled/<source_name>/<stem>.zarr"``.
+        Artifact keys, e.g. ``"compiled/<source_name>/<name>.zarr"``.
     timeout_s
         Limit for the child process in seconds.
 

@@ -339,7 +339,9 @@ def test_bad_panel_csv(project_copy):
     code, files = _run_and_report(project_copy)
     assert code == 1
     assert all(
-        "no 'Ensembl_ID' column" in f["error"] and str(panel) in f["error"] for f in files.values()
+        "panel CSV lacks column(s) ['Ensembl_ID'] (columns found: ['gene', 'name'])" in f["error"]
+        and str(panel) in f["error"]
+        for f in files.values()
     )
 
 
