@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from concept import losses
+from concept.callbacks import StepStats
 from concept.config import ModelConfig, TrainingConfig
 from concept.data.batch import PackedBatch
 from concept.data.views import Views, build_views
@@ -85,6 +86,8 @@ class ContrastiveModule(L.LightningModule):
         self.normalization = normalization
         self.val_loader_names = list(val_loader_names)
         self.obs_keys = list(obs_keys)
+        self._host_stats: StepStats | None = None
+        self.last_stats: StepStats | None = None  # the last training step's sizes
         if self.cfg.training.train_vocab_only:
             for name, p in self.named_parameters():
                 p.requires_grad = ".learnable." in name
@@ -104,11 +107,17 @@ class ContrastiveModule(L.LightningModule):
         log.info("attention backend: %s", backend)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return (
-            batch.to(device)
-            if isinstance(batch, PackedBatch)
-            else super().transfer_batch_to_device(batch, device, dataloader_idx)
-        )
+        if not isinstance(batch, PackedBatch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        plan = batch.views
+        if plan is not None and plan.cu_seqlens.device.type == "cpu":
+            # sizes for the throughput callback, read while they are still on the host
+            self._host_stats = StepStats(
+                len(batch), np.diff(plan.cu_seqlens.numpy()), plan.max_seqlen
+            )
+        else:
+            self._host_stats = None
+        return batch.to(device)
 
     def _add_learnable(self, validating: bool) -> bool:
         t = self.cfg.training
@@ -178,14 +187,13 @@ class ContrastiveModule(L.LightningModule):
     def training_step(self, batch: PackedBatch, batch_idx: int):
         if self.cfg.data_loading_speed_sanity_check:
             return None  # measure the loader alone: no forward, no optimizer step
-        out, (_, _, views) = self._step(batch, validating=False)
+        out, _ = self._step(batch, validating=False)
         n = len(batch)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=n)
         self.log("train/logit_scale", self.logit_scale.exp().detach(), batch_size=n)
+        # shown on the progress bar, which refreshes (reads it back) every log_every_n_steps
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=n)
-        # host-known sizes for the throughput callback (no device sync)
-        self.last_cells, self.last_tokens = n, len(views.tokens)
-        self.last_padded = 2 * n * views.max_seqlen
+        self.last_stats = self._host_stats
         return out["loss"]
 
     def validation_step(self, batch: PackedBatch, batch_idx: int, dataloader_idx: int = 0):

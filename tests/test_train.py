@@ -112,45 +112,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, project: str, out: str) -> None:
-    """One rank: a few optimizer steps on its slice, recording what it saw."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _tiny_setup(project: Path, rank: int = 0, world: int = 1):
+    """The same tiny module (seeded) and loader for every rank and for the reference."""
     from concept.data.loader import TokenLoader
     from concept.data.views import ViewSpec, make_planner
     from concept.datamodule import read_mappings
-    from concept.lit import ContrastiveModule, gather
+    from concept.lit import ContrastiveModule
 
-    cfg = _cfg(Path(project))
+    cfg = _cfg(project)
     vocab = read_mappings(cfg)["hsapiens"].size
     torch.manual_seed(0)
     module = ContrastiveModule(ContrastiveModule.hparams_for(cfg.model, None), {"hsapiens": vocab})
-    ddp = torch.nn.parallel.DistributedDataParallel(module.net)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     loader = TokenLoader(
-        store_paths(Path(project), "hs_"),
+        store_paths(project, "hs_"),
         batch_size=16,
         block_size=4,
         rank=rank,
         world_size=world,
         plan_views=make_planner(ViewSpec(max_tokens=32), vocab),
     )
+    return module, loader
+
+
+def _global_loss(net, batch):
     from concept import losses
     from concept.data.views import build_views
+    from concept.lit import gather
 
+    views = build_views(batch.to("cpu"))
+    z, _ = net(views.tokens, views.values, views.cu_seqlens, views.max_seqlen, "hsapiens")
+    z1, z2 = gather(z[: views.n_cells]), gather(z[views.n_cells :])
+    return losses.clip_loss(z1, z2, torch.tensor(20.0))[0], len(z1)
+
+
+def _ddp_worker(rank: int, world: int, port: int, project: str, out: str) -> None:
+    """One rank: a few optimizer steps on its slice, recording what it saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    module, loader = _tiny_setup(Path(project), rank, world)
+    ddp = torch.nn.parallel.DistributedDataParallel(module.net)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     record = []
     for i, batch in enumerate(loader):
         if i == 3:
             break
-        views = build_views(batch.to("cpu"))
-        z, _ = ddp(views.tokens, views.values, views.cu_seqlens, views.max_seqlen, "hsapiens")
-        z1, z2 = gather(z[: views.n_cells]), gather(z[views.n_cells :])
-        loss, _ = losses.clip_loss(z1, z2, torch.tensor(20.0))
+        loss, n = _global_loss(ddp, batch)
         opt.zero_grad()
         loss.backward()
+        if i == 0:  # averaged over ranks, before the first optimizer step
+            grads = {k: p.grad.clone() for k, p in ddp.module.named_parameters()}
+            torch.save(grads, f"{out}/rank{rank}_grads.pt")
         opt.step()
         record.append(
-            (batch.rows.tolist(), [g.tolist() for g in batch.views.gene_sets], len(z1), float(loss))
+            (batch.rows.tolist(), [g.tolist() for g in batch.views.gene_sets], n, float(loss))
         )
     weights = ddp.module.layers[0].linear1.weight.detach().numpy()
     np.save(f"{out}/rank{rank}_w.npy", weights)
@@ -165,12 +179,65 @@ def test_two_process_ddp_over_gloo(compiled, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(r0) == len(r1) == 3
     for (rows0, sets0, n0, loss0), (rows1, sets1, n1, loss1) in zip(r0, r1, strict=True):
-        assert not set(rows0) & set(rows1) or rows0 != rows1  # different cells per rank
+        assert len(rows0) == len(rows1) == 8 and not set(rows0) & set(rows1)  # disjoint halves
         assert sets0 == sets1  # the same panels on both ranks
         assert n0 == n1 == 16  # negatives gathered from both ranks (8 cells each)
         assert loss0 == pytest.approx(loss1, rel=1e-5)  # one global loss
     w0, w1 = np.load(tmp_path / "rank0_w.npy"), np.load(tmp_path / "rank1_w.npy")
     assert np.array_equal(w0, w1)  # gradients averaged: replicas stay identical
+
+    # one process, the same weights, the whole global batch: the same loss and gradients
+    module, loader = _tiny_setup(compiled)
+    batch = next(iter(loader))
+    assert sorted(batch.rows.tolist()) == sorted(r0[0][0] + r1[0][0])
+    loss, n = _global_loss(module.net, batch)
+    loss.backward()
+    assert n == 16 and loss.item() == pytest.approx(r0[0][3], rel=1e-5)
+    ddp_grads = torch.load(tmp_path / "rank0_grads.pt")
+    checked = 0
+    for name, p in module.net.named_parameters():
+        if p.grad is None:
+            continue
+        want = p.grad
+        assert torch.allclose(ddp_grads[name], want, rtol=1e-4, atol=1e-6), name
+        checked += want.abs().sum() > 0
+    assert checked >= 10  # real, nonzero gradients were compared
+
+
+def _ddp_train_worker(rank: int, world: int, port: int, project: str, root: str) -> None:
+    """``train()`` on one of two ranks, each proposing its own run id."""
+    import concept.train as train_module
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        WORLD_SIZE=str(world),
+    )
+    train_module.new_run_id = lambda: f"proposed-by-rank{rank}"  # as if started seconds apart
+    cfg = _cfg(
+        Path(project),
+        "model.training.devices=2",
+        "model.training.max_steps=2",
+        "model.training.log_every_n_steps=1",
+        "model.training.val_check_interval=1000",
+        f"PATH.CHECKPOINT_ROOT={root}",
+    )
+    train(cfg)
+
+
+def test_ddp_training_writes_one_run_folder(compiled, tmp_path):
+    """Two ranks through ``train()``: one run folder (rank 0's id), one metrics.csv."""
+    root = tmp_path / "runs"
+    torch.multiprocessing.spawn(
+        _ddp_train_worker, args=(2, _free_port(), str(compiled), str(root)), nprocs=2
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["proposed-by-rank0"]
+    run = root / "proposed-by-rank0"
+    assert sorted(p.name for p in run.rglob("metrics.csv")) == ["metrics.csv"]
+    assert sorted(_train_losses(run)) == [0, 1]  # one row per step: one writer
+    assert (run / "config.yaml").is_file() and (run / "latest" / "last.ckpt").exists()
 
 
 def test_cli_trains_and_writes_the_run_folder(compiled, tmp_path):
