@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
 
-from concept.config import Config, ViewConfig
+from concept.config import CompileConfig, Config, ViewConfig
 from concept.data.loader import TokenLoader
 from concept.data.views import Panels, ViewSpec, make_planner
 from concept.splits import SplitFile, train_files, val_files
-from concept.store import BYTE_SETTINGS, expected_attrs, stale_reason, store_path
-from concept.vocab import TokenMapping, panel_files, read_token_mapping
+from concept.store import (
+    COMPILER_VERSION,
+    StoreError,
+    read_attrs,
+    source_fingerprint,
+    source_stat,
+    store_path,
+)
+from concept.vocab import TokenMapping, read_token_mapping
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +31,97 @@ class StaleStoreError(FileNotFoundError):
 
 @dataclass
 class Stores:
-    """Store paths of the train dataset and of each validation loader."""
+    """Store paths of the train dataset and of each validation loader, and the source
+    file each store was compiled from (checked, when present, by :func:`source_problems`)."""
 
     train: list[Path]
     val: dict[str, list[Path]]
+    sources: dict[Path, Path] = field(default_factory=dict)
 
 
-def compile_command(cfg: Config) -> str:
-    return f"python -m preprocess.compile PATH.PROJECT_PATH={cfg.PATH.PROJECT_PATH}"
+# --- store checks: training needs only the stores ----------------------------------------
+# A store is judged by its own metadata (format, compiler version, token mapping), never by
+# the training config's compile.*: a store compiled with any compile settings trains.
+# (To be unified with the format module's own store validation when that lands.)
+
+
+def _override(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def compile_command(cfg: Config, attrs: dict | None = None) -> str:
+    """The command that rebuilds a store, with the compile settings it was built with
+    (``attrs``, the store's root attributes) where they differ from the defaults."""
+    parts = [f"python -m preprocess.compile PATH.PROJECT_PATH={cfg.PATH.PROJECT_PATH}"]
+    defaults = {**asdict(CompileConfig()), "obs_keys": list(cfg.datamodule.obs_keys)}
+    for key, value in (attrs or {}).get("settings", {}).items():
+        if key in defaults and value != defaults[key]:
+            parts.append(f"compile.{key}={_override(value)}")
+    return " ".join(parts)
+
+
+def store_problem(path: Path, species: str, mapping: TokenMapping) -> tuple[str, dict | None]:
+    """Why a store cannot be trained on, judged from its own metadata ('' when fine), and
+    its root attributes (None when it is not a store)."""
+    try:
+        attrs = read_attrs(path)
+    except StoreError as e:
+        return str(e), None
+    if attrs.get("compiler_version") != COMPILER_VERSION:
+        return (
+            f"{path}: written by compiler version {attrs.get('compiler_version')}, this "
+            f"version needs {COMPILER_VERSION}",
+            attrs,
+        )
+    if attrs.get("species") != species:
+        return f"{path}: holds species {attrs.get('species')!r}, the split says {species!r}", attrs
+    if attrs.get("vocab_sha256") != mapping.sha256:
+        return f"{path}: compiled with another {species} token mapping than {mapping.path}", attrs
+    return "", attrs
+
+
+def source_problems(cfg: Config, sources: dict[Path, Path]) -> str | None:
+    """Stores whose source file changed since they were compiled (sources that are absent
+    are not needed and not checked). A stat per file: size and mtime against the store's
+    recorded ``source_stat`` (stores without one: the recorded fingerprint)."""
+    problems = []
+    for store, source in sources.items():
+        if not source.is_file():
+            continue
+        attrs = read_attrs(store)
+        recorded = attrs.get("source_stat")
+        changed = (
+            source_stat(source) != recorded
+            if recorded is not None
+            else source_fingerprint(source) != attrs.get("source_fingerprint")
+        )
+        if changed:
+            problems.append(
+                f"{store}: its source {source} changed since it was compiled\n"
+                f"run: {compile_command(cfg, attrs)}"
+            )
+    return "\n".join(problems) or None
 
 
 def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
-    """Map the configured splits to their compiled stores, checking each is current.
+    """Map the configured splits to their compiled stores, checking each from its own
+    metadata. The source files are not needed (nor read): see :func:`source_problems`.
 
     Raises
     ------
     StaleStoreError
-        A store is missing or stale; the message names it and gives the compile command.
+        A store is missing or unusable; the message names each and gives the compile
+        command, with the compile settings the store was built with.
     """
-    settings = {k: getattr(cfg.compile, k) for k in BYTE_SETTINGS}
     checked: dict[Path, Path] = {}
+    sources: dict[Path, Path] = {}
+    problems: list[str] = []
 
     def path_of(f: SplitFile) -> Path:
         if f.path not in checked:
@@ -52,28 +130,22 @@ def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
                 raise StaleStoreError(
                     f"{f.path}: species {f.species!r} is not in datamodule.species"
                 )
-            reason = (
-                f"{out}: not compiled (source {f.path} not found)"
-                if not f.path.is_file()
-                else stale_reason(
-                    out,
-                    expected_attrs(
-                        f.path,
-                        mappings[f.species].sha256,
-                        panel_files(cfg.PATH.PANELS_PATH, f.species),
-                        settings,
-                    ),
-                )
-            )
+            reason, attrs = store_problem(out, f.species, mappings[f.species])
             if reason:
-                raise StaleStoreError(f"{reason}\nrun: {compile_command(cfg)}")
-            checked[f.path] = out
+                if attrs is None and not f.path.is_file():
+                    reason += f" (and its source {f.path} is not there either)"
+                problems.append(f"{reason}\nrun: {compile_command(cfg, attrs)}")
+            checked[f.path], sources[out] = out, f.path
         return checked[f.path]
 
-    return Stores(
+    stores = Stores(
         train=[path_of(f) for f in train_files(cfg)],
         val={name: [path_of(f) for f in files] for name, files in val_files(cfg).items()},
+        sources=sources,
     )
+    if problems:
+        raise StaleStoreError("\n".join(problems))
+    return stores
 
 
 def read_mappings(cfg: Config) -> dict[str, TokenMapping]:
@@ -124,6 +196,19 @@ class TokenDataModule(L.LightningDataModule):
                 )
         self.val_names = sorted(dm.dataset.val)
         self._train: TokenLoader | None = None
+        self._sources_checked = False
+
+    def setup(self, stage: str) -> None:
+        """Rank 0 checks the stores against their sources (when present); every rank gets
+        the verdict, so all stop together on a stale store."""
+        if self._sources_checked:
+            return
+        trainer = self.trainer
+        reason = source_problems(self.cfg, self.stores.sources) if trainer.is_global_zero else None
+        reason = trainer.strategy.broadcast(reason, src=0)
+        self._sources_checked = True
+        if reason:
+            raise StaleStoreError(reason)
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -110,6 +110,13 @@ def source_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def source_stat(path: str | Path) -> dict:
+    """Size and mtime of a source file, recorded in the store as ``source_stat``: what
+    training compares (a stat, no read) when the sources are reachable."""
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def expected_attrs(
     source: Path | str, vocab_sha256: str, panels: list[Path], settings: dict
 ) -> dict:

@@ -318,6 +318,7 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         expected = fmt.expected_attrs(
             job.source, mapping.sha256, list(map(Path, job.panels)), job.settings
         )
+        stat = fmt.source_stat(job.source)  # taken before the read, as the fingerprint
         with store_lock(out):
             if not job.force and fmt.stale_reason(out, expected) is None:
                 attrs = fmt.read_attrs(out)
@@ -344,6 +345,7 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
                         "normalization": job.settings["normalization"],
                         "shuffle_seed": job.settings["shuffle_seed"],
                         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                        "source_stat": stat,
                         **expected,
                         **attrs,
                     }

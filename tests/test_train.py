@@ -338,3 +338,34 @@ def test_mlm_loss_is_the_masked_mean_squared_error(compiled):
     assert out["loss"].item() == pytest.approx(
         out["loss_cont"].item() + 0.5 * want.item(), rel=1e-5
     )
+
+
+def test_training_needs_only_the_stores(synth_project, tmp_path):
+    """Stores compiled with non-default settings train under the default config; a source
+    that changed is refused with a command carrying those settings; without any source
+    h5ad, training runs."""
+    from conftest import config
+
+    from concept.datamodule import StaleStoreError
+    from preprocess.compile import run
+
+    project = tmp_path / "p"
+    shutil.copytree(synth_project, project)
+    assert run(config(project, "compile.value_dtype=float32", "compile.workers=1")) == 0
+    common = [
+        "model.training.max_steps=1",
+        "model.training.log_every_n_steps=1",
+        f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
+    ]
+    source = project / "data" / "synth_cxg" / "h5ads" / "hs_csr_a.h5ad"
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(StaleStoreError) as err:
+        train(_cfg(project, *common, "wandb.run_name=stale"))
+    msg = str(err.value)
+    assert f"its source {source} changed" in msg
+    assert f"run: python -m preprocess.compile PATH.PROJECT_PATH={project} " in msg
+    assert "compile.value_dtype=float32" in msg and "hs_raw_b" not in msg  # only that store
+    shutil.rmtree(project / "data")  # only the compiled stores reach the GPU nodes
+    train(_cfg(project, *common, "wandb.run_name=no_sources"))
+    assert sorted(_train_losses(tmp_path / "runs" / "no_sources")) == [0]
