@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from concept.callbacks import flops_per_token, peak_flops
+from concept.callbacks import non_embedding_params, peak_flops, step_flops
 from concept.config import ModelConfig, TrainingConfig
 from concept.data.loader import TokenLoader
 from concept.data.views import Views, ViewSpec, build_views, make_planner
@@ -101,7 +101,7 @@ def run(args) -> dict:
         if device.type == "cuda"
         else torch.autocast("cpu", enabled=False)
     )
-    n_params = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("genes."))
+    n_params = non_embedding_params(net)
     peak = peak_flops(device)
     results = []
     for name in ("varlen", "padded"):
@@ -134,12 +134,12 @@ def run(args) -> dict:
                 continue
             elapsed += time.perf_counter() - t0
             real = len(views.tokens)
-            lengths = (views.cu_seqlens[1:] - views.cu_seqlens[:-1]).double()
-            attended = float((lengths**2).sum() / lengths.sum())
+            lengths = (views.cu_seqlens[1:] - views.cu_seqlens[:-1]).cpu().numpy()
             cells += n
             tokens += real
             padded_tokens += 2 * n * views.max_seqlen
-            flops += real * flops_per_token(n_params, cfg.nlayers, cfg.dim_model, attended)
+            # the model's FLOPs (real tokens only), for both paths: MFU counts useful work
+            flops += step_flops(n_params, cfg.nlayers, cfg.dim_model, lengths)
         row = {
             "name": name,
             "cells_per_s": cells / elapsed,
