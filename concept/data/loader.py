@@ -77,7 +77,9 @@ class TokenLoader:
     num_workers
         0: a background thread in this process; k > 0: k DataLoader worker processes.
     pin_memory
-        Pin host buffers (only ever when CUDA is available; False turns it off).
+        Pin host buffers (only ever when CUDA is available; False turns it off), always
+        in this process: by the reading thread, or by the DataLoader's pinning thread
+        when worker processes read (pinning inside a forked worker is unsafe).
     plan_views
         Optional ``fn(batch) -> ViewPlan`` run on the reading thread.
     """
@@ -213,7 +215,7 @@ class TokenLoader:
         )
         if self.plan_views is not None:
             batch.views = self.plan_views(batch)
-        return batch.pin_memory() if self.pin else batch
+        return batch
 
     def _produce(self, out: queue.Queue, stop: threading.Event, schedule) -> None:
         epoch, start, batches = schedule
@@ -222,7 +224,8 @@ class TokenLoader:
                 if stop.is_set():
                     return
                 reads = self.sampler.rank_slice(batches[index])
-                out.put(self.read_batch(reads, epoch, index))
+                batch = self.read_batch(reads, epoch, index)
+                out.put(batch.pin_memory() if self.pin else batch)
             out.put(_DONE)
         except BaseException as e:  # hand the error to the consumer
             out.put(e)
@@ -253,6 +256,7 @@ class TokenLoader:
                     thread.join(timeout=0.01)
 
     def _iter_workers(self, schedule) -> Iterator[PackedBatch]:
+        # workers hand over unpinned batches; the DataLoader pins them in this process
         loader = torch.utils.data.DataLoader(
             _WorkerBatches(self, schedule),
             batch_size=None,
