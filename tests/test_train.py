@@ -8,6 +8,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -369,3 +370,89 @@ def test_training_needs_only_the_stores(synth_project, tmp_path):
     shutil.rmtree(project / "data")  # only the compiled stores reach the GPU nodes
     train(_cfg(project, *common, "wandb.run_name=no_sources"))
     assert sorted(_train_losses(tmp_path / "runs" / "no_sources")) == [0]
+
+
+def synthetic_batch(n_cells: int, vocab: int, max_genes: int, seed: int = 0):
+    """A planned packed batch without any store (for machines without the compiler)."""
+    from concept.data.batch import PackedBatch
+    from concept.data.views import ViewSpec, plan_views
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(max_genes // 2, max_genes, n_cells)
+    tokens = np.concatenate(
+        [np.sort(rng.choice(np.arange(2, vocab), c, replace=False)) for c in counts]
+    )
+    values = rng.integers(1, 50, len(tokens)).astype(np.float32)
+    cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    batch = PackedBatch(
+        tokens=torch.from_numpy(tokens.astype(np.int32)),
+        values=torch.from_numpy(values),
+        cu_seqlens=torch.from_numpy(cu),
+        total_counts=torch.from_numpy(np.add.reduceat(values, cu[:-1]).astype(np.float32)),
+        rows=torch.arange(n_cells),
+        store_index=torch.zeros(n_cells, dtype=torch.int32),
+        obs={},
+        var_tokens=torch.arange(2, vocab, dtype=torch.int32),
+        species="hsapiens",
+    )
+    batch.views = plan_views(batch, ViewSpec(max_tokens=max_genes, panel_size_min=0.5), vocab)
+    return batch
+
+
+class Batches:
+    """A fixed list of batches as a loader (Lightning takes a bare list for many loaders)."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _SyncGuard(L.Callback):
+    """Errors on any host-device sync during training step ``batch_idx == 1``: forward,
+    loss, logging, backward, clipping, optimizer and scheduler steps, every callback."""
+
+    ran = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            torch.cuda.set_sync_debug_mode("default")
+            self.ran = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_step_never_syncs_with_the_host(tmp_path):
+    from concept.lit import ContrastiveModule
+    from concept.train import build_trainer
+
+    cfg = load_config(
+        [
+            f"PATH.PROJECT_PATH={tmp_path}",
+            *[o for o in TINY if "accelerator" not in o],
+            "model.training.accelerator=gpu",
+            "model.training.devices=1",
+            "model.training.max_steps=3",
+            "model.training.log_every_n_steps=100",  # step 1 is not a logging step
+        ]
+    )
+    vocab = 500
+    module = ContrastiveModule(ContrastiveModule.hparams_for(cfg.model, None), {"hsapiens": vocab})
+    trainer = build_trainer(cfg, "sync")
+    guard = _SyncGuard()
+    trainer.callbacks.append(guard)
+    batches = [synthetic_batch(16, vocab, 48, seed=i) for i in range(3)]
+    try:
+        trainer.fit(module, train_dataloaders=Batches(batches))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert guard.ran and trainer.global_step == 3
