@@ -88,6 +88,7 @@ class ContrastiveModule(L.LightningModule):
         self.obs_keys = list(obs_keys)
         self._host_stats: StepStats | None = None
         self.last_stats: StepStats | None = None  # the last training step's sizes
+        self.fresh_training = False  # initialize.fresh_training (set by concept.train)
         if self.cfg.training.train_vocab_only:
             for name, p in self.named_parameters():
                 p.requires_grad = ".learnable." in name
@@ -105,6 +106,13 @@ class ContrastiveModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         backend = self.net.set_backend(self.device)
         log.info("attention backend: %s", backend)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.fresh_training:
+            # weights and optimizer state restored; step, epoch, loader position and the
+            # learning-rate schedule start from zero (the reference's Fabric loop)
+            checkpoint.pop("loops", None)
+            checkpoint["lr_schedulers"] = []
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         if not isinstance(batch, PackedBatch):

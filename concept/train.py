@@ -135,9 +135,7 @@ def build_trainer(cfg: Config, run_id: str) -> L.Trainer:
             run_dir / "latest",
             "step={step}",
             every_n_train_steps=min(20_000, t.max_steps),
-            save_top_k=1,
-            monitor="step",
-            mode="max",
+            save_top_k=1,  # no monitor: the newest (also after a fresh_training restart)
             save_last="link",
             auto_insert_metric_name=False,
         ),
@@ -224,15 +222,21 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
     run_id = _run_id(cfg)
     ckpt = None
     ini = cfg.initialize
+    if ini.fresh_training and not ini.resume:
+        raise ConfigError(
+            "initialize.fresh_training=true restarts from a checkpoint: also pass "
+            "initialize.resume=true initialize.run_id=... initialize.checkpoint=..."
+        )
     if ini.resume:
         source = Path(cfg.PATH.CHECKPOINT_ROOT) / str(ini.run_id) / str(ini.checkpoint)
         if not source.exists():
             raise ConfigError(f"initialize.checkpoint: {source} does not exist")
-        if ini.create_new_run:  # weights only, into a new run
+        if ini.create_new_run and not ini.fresh_training:  # weights only, into a new run
             state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
             module.load_state_dict(state, strict=False)
-        else:
+        else:  # everything; fresh_training drops the step, epoch and loader position
             ckpt = str(source)
+            module.fresh_training = ini.fresh_training
     trainer = build_trainer(cfg, run_id)
     if cfg.model.training.validate_before_training and ckpt is None and data.val_names:
         trainer.validate(module, datamodule=data)

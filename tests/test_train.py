@@ -456,3 +456,33 @@ def test_training_step_never_syncs_with_the_host(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert guard.ran and trainer.global_step == 3
+
+
+def test_fresh_training_restores_weights_and_optimizer_but_not_the_step(compiled, tmp_path):
+    common = [
+        "model.training.log_every_n_steps=1",
+        "model.training.val_check_interval=1000",
+        "model.training.max_steps=3",
+        f"PATH.CHECKPOINT_ROOT={tmp_path}",
+    ]
+    train(_cfg(compiled, *common, "wandb.run_name=run"))
+    old = torch.load(tmp_path / "run" / "latest" / "last.ckpt", weights_only=False)
+    again = [
+        "initialize.resume=true",
+        "initialize.run_id=run",
+        "initialize.checkpoint=latest/last.ckpt",
+        "initialize.fresh_training=true",
+    ]
+    train(_cfg(compiled, *common, *again), overrides=again)  # a plain resume: no step left
+    new = torch.load(tmp_path / "run" / "latest" / "last.ckpt", weights_only=False)
+    assert old["global_step"] == new["global_step"] == 3  # 3 steps again, from step 0
+    steps = {int(s["step"]) for s in new["optimizer_states"][0]["state"].values()}
+    assert steps == {6}  # Adam's state continued from the checkpoint: 3 + 3 updates
+    assert new["lr_schedulers"][0]["last_epoch"] == 3  # the schedule restarted too
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 0, 1, 2]  # the same batches again ...
+    first, again_first = float(rows[0]["train/loss"]), float(rows[3]["train/loss"])
+    assert again_first < first  # ... seen by the trained weights, not a new seeded init
+    with pytest.raises(ValueError, match="initialize.fresh_training=true restarts"):
+        train(_cfg(compiled, *common, "initialize.fresh_training=true"))
