@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 
-from concept.config import CompileConfig, Config, ViewConfig
+from concept.config import CompileConfig, Config, ConfigError, ViewConfig
 from concept.data.loader import TokenLoader
 from concept.data.views import Panels, ViewSpec, make_planner
 from concept.splits import SplitFile, train_files, val_files
@@ -23,6 +27,7 @@ from concept.store import (
 from concept.vocab import TokenMapping, read_token_mapping
 
 log = logging.getLogger(__name__)
+SPEED_CHECK_FILES = 5  # datamodule.model_speed_sanity_check trains on this many files
 
 
 class StaleStoreError(FileNotFoundError):
@@ -148,6 +153,39 @@ def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
     return stores
 
 
+# --- PATH.LOCAL_DIR: stores copied to node-local disk ------------------------------------
+
+
+def local_path(store: Path, compiled_root: Path, local_dir: Path) -> Path:
+    """Where ``store`` is copied under ``PATH.LOCAL_DIR`` (its path below the compiled root)."""
+    try:
+        return local_dir / store.relative_to(compiled_root)
+    except ValueError:
+        return local_dir / store.parent.name / store.name
+
+
+def localize(stores: list[Path], compiled_root: Path, local_dir: Path) -> None:
+    """Copy stores to ``local_dir``, incrementally. A copy whose ``zarr.json`` equals the
+    store's is current and kept (the root attributes change with every compile); others
+    are copied under a temporary name and renamed into place, so a partial copy is never
+    at the final path and never used."""
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    for store in stores:
+        dst = local_path(store, compiled_root, local_dir)
+        meta = (store / "zarr.json").read_bytes()
+        if (dst / "zarr.json").is_file() and (dst / "zarr.json").read_bytes() == meta:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = dst.parent / f".{dst.name}.copy-{tag}", dst.parent / f".{dst.name}.old-{tag}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(store, tmp)
+        if dst.exists():
+            dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("%s: copied to %s", store, dst)
+
+
 def read_mappings(cfg: Config) -> dict[str, TokenMapping]:
     root = Path(cfg.PATH.GENE_MAPPINGS_PATH)
     return {s: read_token_mapping(root / f"{s}.csv") for s in cfg.datamodule.species}
@@ -195,6 +233,19 @@ class TokenDataModule(L.LightningDataModule):
                     cfg.PATH.PANELS_PATH, mappings, view.panel_filter_regex
                 )
         self.val_names = sorted(dm.dataset.val)
+        if dm.precomp_embs_key is not None:
+            raise ConfigError(
+                f"datamodule.precomp_embs_key={dm.precomp_embs_key!r}: precomputed embeddings "
+                "as view 2 are not implemented yet (set it to null)"
+            )
+        for name, loader_cfg in [("train", dm.dataloader.train), *dm.dataloader.val.items()]:
+            where = "train" if name == "train" else f"val.{name}"
+            for key in ("shuffle", "drop_last"):
+                if getattr(loader_cfg, key) is not True:
+                    raise ConfigError(
+                        f"datamodule.dataloader.{where}.{key}={getattr(loader_cfg, key)}: must be "
+                        f"true (the reference asserts it: batches are shuffled and always full)"
+                    )
         self._train: TokenLoader | None = None
         self._sources_checked = False
 
@@ -209,12 +260,27 @@ class TokenDataModule(L.LightningDataModule):
         self._sources_checked = True
         if reason:
             raise StaleStoreError(reason)
+        local = self.cfg.PATH.LOCAL_DIR
+        if local:  # one copy per node (local rank 0); the other ranks wait for it
+            needed = sorted({*self.stores.train, *(p for v in self.stores.val.values() for p in v)})
+            root = Path(self.cfg.PATH.COMPILED_ROOT)
+            if trainer.local_rank == 0:
+                localize(needed, root, Path(local))
+            trainer.strategy.barrier("PATH.LOCAL_DIR")
+            where = {p: local_path(p, root, Path(local)) for p in needed}
+            self.stores = Stores(
+                train=[where[p] for p in self.stores.train],
+                val={k: [where[p] for p in v] for k, v in self.stores.val.items()},
+                sources=self.stores.sources,
+            )
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
-    def _loader(self, paths, loader_cfg, spec: ViewSpec, panels, seed: int) -> TokenLoader:
+    def _loader(
+        self, paths, loader_cfg, spec: ViewSpec, panels, seed: int, in_memory: bool = False
+    ) -> TokenLoader:
         rank, world = self._rank()
         group = loader_cfg.within_group_sampling
         if group not in ("dataset", ["dataset"], None):
@@ -239,6 +305,7 @@ class TokenDataModule(L.LightningDataModule):
             num_workers=loader_cfg.num_workers,
             pin_memory=loader_cfg.pin_memory,
             plan_views=make_planner(spec, self.vocab, panels),
+            in_memory=in_memory,
         )
         for i in loader.sampler.dropped_stores:
             log.warning(
@@ -252,8 +319,16 @@ class TokenDataModule(L.LightningDataModule):
         dm = self.cfg.datamodule
         if self._train is None:
             spec = view_spec(self.cfg, dm.dataset.train, train=True, seed=self.seed)
+            paths, in_memory = self.stores.train, dm.model_speed_sanity_check
+            if in_memory:  # the reference: 5 random train files, held in memory
+                pick = np.random.default_rng(self.seed).permutation(len(paths))[:SPEED_CHECK_FILES]
+                paths = [paths[i] for i in sorted(pick)]
+                log.warning(
+                    "datamodule.model_speed_sanity_check: training on %d stores held in memory",
+                    len(paths),
+                )
             self._train = self._loader(
-                self.stores.train, dm.dataloader.train, spec, self.panels.get("train"), self.seed
+                paths, dm.dataloader.train, spec, self.panels.get("train"), self.seed, in_memory
             )
         return self._train
 

@@ -36,3 +36,21 @@ def test_batches_are_pinned_in_the_main_process_only(compiled, tmp_path, monkeyp
     assert rows == [b.rows.tolist() for b in threaded]  # same batches, same order
     # forked workers never pin; the DataLoader pins in this process (when CUDA exists)
     assert set(log.read_text().split() if log.exists() else []) <= {str(os.getpid())}
+
+
+def test_in_memory_loader_reads_nothing_from_disk(compiled, tmp_path):
+    """model_speed_sanity_check's loader: the same batches, with tokens/values gone from disk."""
+    import shutil
+
+    from concept import store as fmt
+
+    stores = []
+    for p in store_paths(compiled, "hs_")[:2]:
+        shutil.copytree(p, tmp_path / p.name)
+        stores.append(tmp_path / p.name)
+    want = [(b.tokens.tolist(), b.values.tolist()) for b in TokenLoader(stores, 16, 8)]
+    held = TokenLoader(stores, 16, 8, in_memory=True)
+    for p in stores:
+        shutil.rmtree(p / fmt.TOKENS)
+        shutil.rmtree(p / fmt.VALUES)
+    assert [(b.tokens.tolist(), b.values.tolist()) for b in held] == want

@@ -486,3 +486,52 @@ def test_fresh_training_restores_weights_and_optimizer_but_not_the_step(compiled
     assert again_first < first  # ... seen by the trained weights, not a new seeded init
     with pytest.raises(ValueError, match="initialize.fresh_training=true restarts"):
         train(_cfg(compiled, *common, "initialize.fresh_training=true"))
+
+
+def test_local_dir_copies_the_stores_and_trains_from_the_copies(compiled, tmp_path, monkeypatch):
+    """PATH.LOCAL_DIR: stores copied (incrementally, never partially) and read from there."""
+    import concept.datamodule as dm
+
+    opened = []
+
+    class Recording(dm.TokenLoader):
+        def __init__(self, paths, *args, **kwargs):
+            opened.extend(paths)
+            super().__init__(paths, *args, **kwargs)
+
+    monkeypatch.setattr(dm, "TokenLoader", Recording)
+    project = tmp_path / "p"
+    shutil.copytree(compiled, project, ignore=shutil.ignore_patterns(".lamin"))
+    local = tmp_path / "local"
+    common = [
+        "model.training.max_steps=1",
+        f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
+        f"PATH.LOCAL_DIR={local}",
+    ]
+    train(_cfg(project, *common))
+    human = sorted(p.name for p in (project / "compiled" / "synth_cxg").glob("hs_*.zarr"))
+    assert sorted(p.name for p in (local / "synth_cxg").iterdir()) == human  # no temp left
+    assert opened and all(p.parent == local / "synth_cxg" for p in opened)
+    assert all(
+        sorted(f.relative_to(p) for f in p.rglob("*"))
+        == sorted(f.relative_to(q) for f in q.rglob("*"))
+        for p, q in (
+            (local / "synth_cxg" / n, project / "compiled" / "synth_cxg" / n) for n in human
+        )
+    )
+    marker = local / "synth_cxg" / human[0] / "kept"
+    marker.write_text("a current copy is not copied again")
+    stale = local / "synth_cxg" / human[1]
+    (stale / "zarr.json").write_text("{}")  # a copy that no longer matches its store
+    (stale / "extra").write_text("gone after the recopy")
+    train(_cfg(project, *common))
+    assert marker.is_file() and not (stale / "extra").exists()
+    assert (stale / "zarr.json").read_bytes() == (
+        project / "compiled" / "synth_cxg" / human[1] / "zarr.json"
+    ).read_bytes()
+
+
+def test_shuffle_and_drop_last_must_be_true(compiled):
+    for key in ("train.shuffle", "val.within_P200_B256.drop_last"):
+        with pytest.raises(ValueError, match=f"datamodule.dataloader.{key}=False: must be true"):
+            train(_cfg(compiled, f"datamodule.dataloader.{key}=false"))

@@ -82,6 +82,9 @@ class TokenLoader:
         when worker processes read (pinning inside a forked worker is unsafe).
     plan_views
         Optional ``fn(batch) -> ViewPlan`` run on the reading thread.
+    in_memory
+        Read every store's tokens and values into memory first
+        (``datamodule.model_speed_sanity_check``: no disk reads while training).
     """
 
     batch_sampler = (
@@ -106,11 +109,15 @@ class TokenLoader:
         num_workers: int = 0,
         pin_memory: bool | None = None,
         plan_views: Callable | None = None,
+        in_memory: bool = False,
     ):
         self.paths = [Path(p) for p in store_paths]
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
         self.readers = [StoreReader(p, reader) for p in self.paths]
+        if in_memory:
+            for r in self.readers:
+                r.hold_in_memory()
         self.species = [r.attrs["species"] for r in self.readers]
         if not within_group and len(set(self.species)) > 1:
             raise ValueError(
