@@ -66,12 +66,15 @@ def compile_command(cfg: Config, attrs: dict | None = None) -> str:
     parts = [f"python -m preprocess.compile PATH.PROJECT_PATH={cfg.PATH.PROJECT_PATH}"]
     defaults = {**asdict(CompileConfig()), "obs_keys": list(cfg.datamodule.obs_keys)}
     for key, value in (attrs or {}).get("settings", {}).items():
-        if key in defaults and value != defaults[key]:
+        # precomp_embs_key follows datamodule.precomp_embs_key (the caller adds it)
+        if key in defaults and key != "precomp_embs_key" and value != defaults[key]:
             parts.append(f"compile.{key}={_override(value)}")
     return " ".join(parts)
 
 
-def store_problem(path: Path, species: str, mapping: TokenMapping) -> tuple[str, dict | None]:
+def store_problem(
+    path: Path, species: str, mapping: TokenMapping, embs_key: str | None = None
+) -> tuple[str, dict | None]:
     """Why a store cannot be trained on, judged from its own metadata ('' when fine), and
     its root attributes (None when it is not a store)."""
     try:
@@ -88,6 +91,8 @@ def store_problem(path: Path, species: str, mapping: TokenMapping) -> tuple[str,
         return f"{path}: holds species {attrs.get('species')!r}, the split says {species!r}", attrs
     if attrs.get("vocab_sha256") != mapping.sha256:
         return f"{path}: compiled with another {species} token mapping than {mapping.path}", attrs
+    if embs_key is not None and attrs.get("settings", {}).get("precomp_embs_key") != embs_key:
+        return f"{path}: has no obsm/{embs_key} (compile with this precomp_embs_key)", attrs
     return "", attrs
 
 
@@ -135,11 +140,15 @@ def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
                 raise StaleStoreError(
                     f"{f.path}: species {f.species!r} is not in datamodule.species"
                 )
-            reason, attrs = store_problem(out, f.species, mappings[f.species])
+            key = cfg.datamodule.precomp_embs_key
+            reason, attrs = store_problem(out, f.species, mappings[f.species], key)
             if reason:
                 if attrs is None and not f.path.is_file():
                     reason += f" (and its source {f.path} is not there either)"
-                problems.append(f"{reason}\nrun: {compile_command(cfg, attrs)}")
+                command = compile_command(cfg, attrs)
+                if key is not None:
+                    command += f" datamodule.precomp_embs_key={key}"
+                problems.append(f"{reason}\nrun: {command}")
             checked[f.path], sources[out] = out, f.path
         return checked[f.path]
 
@@ -233,11 +242,6 @@ class TokenDataModule(L.LightningDataModule):
                     cfg.PATH.PANELS_PATH, mappings, view.panel_filter_regex
                 )
         self.val_names = sorted(dm.dataset.val)
-        if dm.precomp_embs_key is not None:
-            raise ConfigError(
-                f"datamodule.precomp_embs_key={dm.precomp_embs_key!r}: precomputed embeddings "
-                "as view 2 are not implemented yet (set it to null)"
-            )
         for name, loader_cfg in [("train", dm.dataloader.train), *dm.dataloader.val.items()]:
             where = "train" if name == "train" else f"val.{name}"
             for key in ("shuffle", "drop_last"):
@@ -306,6 +310,7 @@ class TokenDataModule(L.LightningDataModule):
             pin_memory=loader_cfg.pin_memory,
             plan_views=make_planner(spec, self.vocab, panels),
             in_memory=in_memory,
+            embeddings_key=self.cfg.datamodule.precomp_embs_key,
         )
         for i in loader.sampler.dropped_stores:
             log.warning(

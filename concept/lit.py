@@ -167,7 +167,15 @@ class ContrastiveModule(L.LightningModule):
         z1, z2 = gather(z1), gather(z2)
         scale = self.logit_scale.exp()
         kind = self.cfg.contrastive_loss
-        if kind == "binary":
+        if batch.embeddings is not None:  # precomputed embeddings replace view 2
+            emb = gather(batch.embeddings)
+            if emb.shape[1] != z1.shape[1]:
+                raise ValueError(
+                    f"datamodule.precomp_embs_key: the stored embeddings have {emb.shape[1]} "
+                    f"dimensions, the model's {z1.shape[1]} (model.projection_dim or dim_model)"
+                )
+            loss_cont, logits = losses.distance_loss(z1, emb, scale, mask)
+        elif kind == "binary":
             loss_cont, logits = losses.binary_loss(z1, z2, scale, mask=mask)
         elif self.global_step < self.cfg.loss_switch_step or validating:
             loss_cont, logits = losses.clip_loss(z1, z2, scale, mask)

@@ -535,3 +535,63 @@ def test_shuffle_and_drop_last_must_be_true(compiled):
     for key in ("train.shuffle", "val.within_P200_B256.drop_last"):
         with pytest.raises(ValueError, match=f"datamodule.dataloader.{key}=False: must be true"):
             train(_cfg(compiled, f"datamodule.dataloader.{key}=false"))
+
+
+def test_precomputed_embeddings_replace_view_2(synth_project, tmp_path):
+    """datamodule.precomp_embs_key: obsm[key] compiled per cell, delivered per cell, and the
+    loss is InfoNCE on s / (‖z1ᵢ − eⱼ‖ + 1e-4), against a direct computation."""
+    import anndata
+    import h5py
+    from anndata.io import write_elem
+    from conftest import config
+
+    from concept.data.loader import TokenLoader
+    from concept.data.views import ViewSpec, build_views, make_planner
+    from concept.datamodule import StaleStoreError, read_mappings
+    from concept.lit import ContrastiveModule
+    from preprocess.compile import run
+
+    project = tmp_path / "p"
+    shutil.copytree(synth_project, project)
+    rng = np.random.default_rng(0)
+    emb = {}
+    for path in sorted((project / "data" / "synth_cxg" / "h5ads").glob("hs_*.h5ad")):
+        with h5py.File(path, "a") as f:
+            n = len(f["obs"][f["obs"].attrs["_index"]])
+            emb[path.stem] = rng.normal(size=(n, 32)).astype(np.float32)
+            write_elem(f["obsm"], "X_pre", emb[path.stem])
+        assert anndata.read_h5ad(path).obsm["X_pre"].shape == (n, 32)
+    key = ["datamodule.precomp_embs_key=X_pre"]
+    assert run(config(project, *key, "compile.workers=1")) == 0
+    cfg = _cfg(project, *key, "PATH.PRETRAINED_VOCABULARY=null")
+    vocab = read_mappings(cfg)["hsapiens"].size
+    stores = store_paths(project, "hs_")
+    loader = TokenLoader(
+        stores,
+        16,
+        8,
+        plan_views=make_planner(ViewSpec(max_tokens=32), vocab),
+        embeddings_key="X_pre",
+    )
+    batch = next(iter(loader))
+    stem = stores[int(batch.store_index[0])].stem
+    assert np.array_equal(batch.embeddings.numpy(), emb[stem][batch.rows.numpy()])
+    module = ContrastiveModule(ContrastiveModule.hparams_for(cfg.model, None), {"hsapiens": vocab})
+    module.eval()
+    out, _ = module._step(batch.to("cpu"), validating=True)
+    z1, _, _, _ = module.embed_views(build_views(batch), "hsapiens", False)
+    z1, e = z1.detach().double().numpy(), batch.embeddings.double().numpy()
+    s = float(module.logit_scale.exp())
+    dist = np.array([[np.sqrt(((z1[i] - e[j]) ** 2).sum()) for j in range(16)] for i in range(16)])
+    logits = s / (dist + 1e-4)
+
+    def ce(m):  # mean cross-entropy, targets on the diagonal
+        return float(np.mean(np.log(np.exp(m).sum(1)) - np.diag(m)))
+
+    want = 0.5 * (ce(logits) + ce(logits.T))
+    assert out["loss_cont"].item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(StaleStoreError, match="has no obsm/X_other") as err:
+        train(_cfg(project, "datamodule.precomp_embs_key=X_other"))
+    assert "datamodule.precomp_embs_key=X_other" in str(err.value)
+    common = ["model.training.max_steps=2", "model.training.log_every_n_steps=1"]
+    train(_cfg(project, *key, *common, f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}"))

@@ -85,6 +85,9 @@ class TokenLoader:
     in_memory
         Read every store's tokens and values into memory first
         (``datamodule.model_speed_sanity_check``: no disk reads while training).
+    embeddings_key
+        Deliver each cell's ``obsm/<key>`` row as ``batch.embeddings``
+        (``datamodule.precomp_embs_key``).
     """
 
     batch_sampler = (
@@ -110,6 +113,7 @@ class TokenLoader:
         pin_memory: bool | None = None,
         plan_views: Callable | None = None,
         in_memory: bool = False,
+        embeddings_key: str | None = None,
     ):
         self.paths = [Path(p) for p in store_paths]
         if not self.paths:
@@ -140,6 +144,7 @@ class TokenLoader:
         self.prefetch, self.num_workers = prefetch, num_workers
         self.pin = torch.cuda.is_available() and pin_memory is not False
         self.plan_views = plan_views
+        self.embeddings = None if embeddings_key is None else f"{fmt.OBSM_GROUP}/{embeddings_key}"
         self._var_cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -181,6 +186,7 @@ class TokenLoader:
         rows = np.empty(n_cells, np.int64)
         store_index = np.empty(n_cells, np.int32)
         obs = {k: np.empty(n_cells, np.int32) for k in self.obs_keys}
+        embs = []
         pending, e, c = [], 0, 0
         for r, ip in zip(reads, ips, strict=True):
             rd = self.readers[r.store]
@@ -191,6 +197,8 @@ class TokenLoader:
             total[c : c + m] = rd.cell_array(fmt.TOTAL_COUNTS)[r.start : r.stop]
             rows[c : c + m] = rd.cell_array(fmt.ROW)[r.start : r.stop]
             store_index[c : c + m] = r.store
+            if self.embeddings is not None:
+                embs.append(rd.rows(self.embeddings, r.start, r.stop))
             for key in self.obs_keys:
                 remap = self.categories.remap[key][r.store]
                 if len(remap) > 1:
@@ -219,6 +227,7 @@ class TokenLoader:
             species=self.species[reads[0].store],
             epoch=epoch,
             index=index,
+            embeddings=torch.from_numpy(np.concatenate(embs)) if embs else None,
         )
         if self.plan_views is not None:
             batch.views = self.plan_views(batch)

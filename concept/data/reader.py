@@ -230,6 +230,16 @@ class StoreReader:
             self._cells[name] = self.read(name, 0, n)
         return self._cells[name]
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a 2-D per-cell array (``obsm/<key>``), via tensorstore."""
+        key = ("rows", name)
+        if key not in self._arrays:
+            import tensorstore as ts
+
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
+            self._arrays[key] = ts.open(spec, open=True, read=True).result()
+        return self._arrays[key][start:stop].read().result()
+
     def hold_in_memory(self) -> None:
         """Read ``tokens`` and ``values`` whole; later reads copy from memory."""
         nnz = int(self.cell_array(fmt.INDPTR)[-1])
