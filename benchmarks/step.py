@@ -8,6 +8,12 @@ AdamW step, and report cells/s, real tokens/s and (on a GPU) model FLOPs utiliza
 * ``padded``: the reference's layout, every sequence padded to the batch's longest,
   feed-forward on all padded positions and SDPA with a key-padding mask.
 
+Then the loader's share of a step (steps fed by the real loader and views against steps
+on batches already on the device) and the embedding rate (inference, no grad).
+
+MFU counts the model's FLOPs (``concept.callbacks.step_flops``: 6 x non-embedding
+parameters x real tokens + 12 L d Σ sᵢ²) for both paths.
+
 Batches come from compiled stores (``--stores``, e.g. ``projects/demo/compiled``) through
 the real loader and views, with the reference's training view settings; the default
 model is the reference's 30M configuration (8 layers, d=512, 8 heads, views of <= 1,000
@@ -27,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from concept.callbacks import flops_per_token, peak_flops
+from concept.callbacks import non_embedding_params, peak_flops, step_flops
 from concept.config import ModelConfig, TrainingConfig
 from concept.data.loader import TokenLoader
 from concept.data.views import Views, ViewSpec, build_views, make_planner
@@ -96,12 +102,7 @@ def run(args) -> dict:
     net = ContrastiveEncoder(cfg, {"hsapiens": vocab}).to(device)
     backend = net.set_backend(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
-    n_params = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("genes."))
+    n_params = non_embedding_params(net)
     peak = peak_flops(device)
     results = []
     for name in ("varlen", "padded"):
@@ -114,7 +115,7 @@ def run(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast:
+            with _autocast(device):
                 if name == "varlen":
                     z, _ = net(
                         views.tokens, views.values, views.cu_seqlens, views.max_seqlen, "hsapiens"
@@ -134,12 +135,12 @@ def run(args) -> dict:
                 continue
             elapsed += time.perf_counter() - t0
             real = len(views.tokens)
-            lengths = (views.cu_seqlens[1:] - views.cu_seqlens[:-1]).double()
-            attended = float((lengths**2).sum() / lengths.sum())
+            lengths = (views.cu_seqlens[1:] - views.cu_seqlens[:-1]).cpu().numpy()
             cells += n
             tokens += real
             padded_tokens += 2 * n * views.max_seqlen
-            flops += real * flops_per_token(n_params, cfg.nlayers, cfg.dim_model, attended)
+            # the model's FLOPs (real tokens only), for both paths: MFU counts useful work
+            flops += step_flops(n_params, cfg.nlayers, cfg.dim_model, lengths)
         row = {
             "name": name,
             "cells_per_s": cells / elapsed,
@@ -149,7 +150,12 @@ def run(args) -> dict:
             "mfu": flops / elapsed / peak if peak else None,
         }
         results.append(row)
+    extra = {
+        "loader": loader_share(args, device, cfg, stores, vocab),
+        "embedding": embed_rate(args, device, cfg, batches, vocab),
+    }
     return {
+        **extra,
         "machine": {
             "device": torch.cuda.get_device_name()
             if device.type == "cuda"
@@ -165,6 +171,90 @@ def run(args) -> dict:
         },
         "results": results,
     }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def loader_share(args, device: torch.device, cfg: ModelConfig, stores, vocab: int) -> dict:
+    """Training steps fed by the real loader (read, plan views, pin, copy, gather views)
+    against the same number of steps on batches already on the device."""
+    spec = ViewSpec(max_tokens=args.max_tokens, panel_selection="random", seed=1)
+    loader = TokenLoader(
+        stores, batch_size=args.batch_size, block_size=32, plan_views=make_planner(spec, vocab)
+    )
+    net = ContrastiveEncoder(cfg, {"hsapiens": vocab}).to(device)
+    net.set_backend(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    n_steps = args.steps
+
+    def step(b) -> None:
+        views = build_views(b)
+        with _autocast(device):
+            z, _ = net(views.tokens, views.values, views.cu_seqlens, views.max_seqlen, "hsapiens")
+            n = views.n_cells
+            logits = 20.0 * z[:n].float() @ z[n:].float().T
+            target = torch.arange(n, device=device)
+            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+    resident = [next(it).to(device) for _ in range(min(n_steps, 8))]
+    for b in resident[: args.warmup]:
+        step(b)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(n_steps):
+        step(resident[i % len(resident)])
+    _sync(device)
+    on_device = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step(next(it).to(device))
+    _sync(device)
+    real = time.perf_counter() - t0
+    cells = n_steps * args.batch_size
+    return {
+        "steps": n_steps,
+        "real_loader_cells_per_s": cells / real,
+        "on_device_cells_per_s": cells / on_device,
+        "loader_share": max(0.0, 1 - on_device / real),
+    }
+
+
+def embed_rate(args, device: torch.device, cfg: ModelConfig, batches, vocab: int) -> dict:
+    """Inference (no grad, bf16 on GPU): CLS embeddings of the planned sequences per second."""
+    net = ContrastiveEncoder(cfg, {"hsapiens": vocab}).to(device).eval()
+    net.set_backend(device)
+    views = [build_views(b.to(device)) for b in batches]
+    seqs = 0
+    with torch.no_grad(), _autocast(device):
+        for v in views[: args.warmup]:
+            net(v.tokens, v.values, v.cu_seqlens, v.max_seqlen, "hsapiens")
+        _sync(device)
+        t0 = time.perf_counter()
+        for v in views[args.warmup :]:
+            net(v.tokens, v.values, v.cu_seqlens, v.max_seqlen, "hsapiens")
+            seqs += 2 * v.n_cells
+        _sync(device)
+    return {"sequences_per_s": seqs / (time.perf_counter() - t0), "sequences": seqs}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 def main() -> None:
@@ -190,6 +280,12 @@ def main() -> None:
         )
     v, p_ = out["results"]
     print(f"varlen / padded: {v['cells_per_s'] / p_['cells_per_s']:.2f}x")
+    ld = out["loader"]
+    print(
+        f"real loader {ld['real_loader_cells_per_s']:.1f} cells/s, batch on device "
+        f"{ld['on_device_cells_per_s']:.1f} cells/s: loader share {ld['loader_share']:.1%}"
+    )
+    print(f"embedding (inference): {out['embedding']['sequences_per_s']:.1f} sequences/s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -99,6 +99,7 @@ class CompileConfig:
     normalization: str = "raw"
     value_dtype: str = "float16"  # storage dtype of non-integer values
     obs_keys: list[str] = field(default_factory=list)
+    precomp_embs_key: str | None = None  # obsm key compiled as per-cell embeddings
     shuffle_seed: int = 0
     chunk_elements: int = 65536
     shard_elements: int = 4194304

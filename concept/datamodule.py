@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 
-from concept.config import Config, ViewConfig
+from concept.config import Config, ConfigError, ViewConfig
 from concept.data.loader import TokenLoader
 from concept.data.views import Panels, ViewSpec, make_planner
 from concept.splits import SplitFile, train_files, val_files
@@ -23,6 +27,7 @@ from concept.store import (
 from concept.vocab import TokenMapping, read_token_mapping
 
 log = logging.getLogger(__name__)
+SPEED_CHECK_FILES = 5  # datamodule.model_speed_sanity_check trains on this many files
 
 
 class StaleStoreError(FileNotFoundError):
@@ -31,31 +36,66 @@ class StaleStoreError(FileNotFoundError):
 
 @dataclass
 class Stores:
-    """Store paths of the train dataset and of each validation loader."""
+    """Store paths of the train dataset and of each validation loader, and the source
+    file each store was compiled from (checked, when present, by :func:`source_problems`)."""
 
     train: list[Path]
     val: dict[str, list[Path]]
+    sources: dict[Path, Path] = field(default_factory=dict)
 
 
-def rebuild_command(cfg: Config, out: Path, settings: dict) -> str:
-    """The compile command for a store, with the overrides it was compiled with, if any."""
+def rebuild_command(cfg: Config, attrs: dict | None) -> str:
+    """The compile command for a store, with the overrides it was compiled with (``attrs``,
+    its root attributes; None for a missing store: a plain compile)."""
+    settings = {k: getattr(cfg.compile, k) for k in BYTE_SETTINGS}
+    command = compile_command(attrs or {}, cfg.PATH.PROJECT_PATH, settings)
+    if cfg.datamodule.precomp_embs_key is not None:  # compile.precomp_embs_key follows it
+        command += f" datamodule.precomp_embs_key={cfg.datamodule.precomp_embs_key}"
+    return command
+
+
+def store_problem(
+    path: Path, species: str, mapping: TokenMapping, embs_key: str | None = None
+) -> tuple[str, dict | None]:
+    """Why a store cannot be trained on, judged from its own metadata ('' when fine), and
+    its root attributes (None when it is not a store)."""
+    reason = check_store(path, vocab_sha256=mapping.sha256)
     try:
-        attrs = read_attrs(out)
-    except StoreError:  # missing or not a store: a plain compile
-        attrs = {}
-    return compile_command(attrs, cfg.PATH.PROJECT_PATH, settings)
+        attrs = read_attrs(path)
+    except StoreError:
+        return reason or f"{path}: not a store", None
+    if reason:
+        return reason, attrs
+    if attrs.get("species") != species:
+        return f"{path}: holds species {attrs.get('species')!r}, the split says {species!r}", attrs
+    if embs_key is not None and attrs.get("settings", {}).get("precomp_embs_key") != embs_key:
+        return f"{path}: has no obsm/{embs_key} (compile with this precomp_embs_key)", attrs
+    return "", attrs
+
+
+def source_problems(cfg: Config, sources: dict[Path, Path]) -> str | None:
+    """Stores whose source changed since they were compiled: a stat per present source
+    (:func:`concept.store.check_store`); absent sources are not needed and not checked."""
+    problems = []
+    for store, source in sources.items():
+        if source.exists() and (reason := check_store(store, source)):
+            problems.append(f"{reason}\nrun: {rebuild_command(cfg, read_attrs(store))}")
+    return "\n".join(problems) or None
 
 
 def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
-    """Map the configured splits to their compiled stores, checking each is current.
+    """Map the configured splits to their compiled stores, checking each from its own
+    metadata. The source files are not needed (nor read): see :func:`source_problems`.
 
     Raises
     ------
     StaleStoreError
-        A store is missing or stale; the message names it and gives the compile command.
+        A store is missing or unusable; the message names each and gives the compile
+        command, with the compile settings the store was built with.
     """
-    settings = {k: getattr(cfg.compile, k) for k in BYTE_SETTINGS}
     checked: dict[Path, Path] = {}
+    sources: dict[Path, Path] = {}
+    problems: list[str] = []
 
     def path_of(f: SplitFile) -> Path:
         if f.path not in checked:
@@ -64,16 +104,56 @@ def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
                 raise StaleStoreError(
                     f"{f.path}: species {f.species!r} is not in datamodule.species"
                 )
-            reason = check_store(out, f.path, mappings[f.species].sha256)
+            key = cfg.datamodule.precomp_embs_key
+            reason, attrs = store_problem(out, f.species, mappings[f.species], key)
             if reason:
-                raise StaleStoreError(f"{reason}\nrun: {rebuild_command(cfg, out, settings)}")
-            checked[f.path] = out
+                if attrs is None and not f.path.exists():
+                    reason += f" (and its source {f.path} is not there either)"
+                problems.append(f"{reason}\nrun: {rebuild_command(cfg, attrs)}")
+            checked[f.path], sources[out] = out, f.path
         return checked[f.path]
 
-    return Stores(
+    stores = Stores(
         train=[path_of(f) for f in train_files(cfg)],
         val={name: [path_of(f) for f in files] for name, files in val_files(cfg).items()},
+        sources=sources,
     )
+    if problems:
+        raise StaleStoreError("\n".join(problems))
+    return stores
+
+
+# --- PATH.LOCAL_DIR: stores copied to node-local disk ------------------------------------
+
+
+def local_path(store: Path, compiled_root: Path, local_dir: Path) -> Path:
+    """Where ``store`` is copied under ``PATH.LOCAL_DIR`` (its path below the compiled root)."""
+    try:
+        return local_dir / store.relative_to(compiled_root)
+    except ValueError:
+        return local_dir / store.parent.name / store.name
+
+
+def localize(stores: list[Path], compiled_root: Path, local_dir: Path) -> None:
+    """Copy stores to ``local_dir``, incrementally. A copy whose ``zarr.json`` equals the
+    store's is current and kept (the root attributes change with every compile); others
+    are copied under a temporary name and renamed into place, so a partial copy is never
+    at the final path and never used."""
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    for store in stores:
+        dst = local_path(store, compiled_root, local_dir)
+        meta = (store / "zarr.json").read_bytes()
+        if (dst / "zarr.json").is_file() and (dst / "zarr.json").read_bytes() == meta:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = dst.parent / f".{dst.name}.copy-{tag}", dst.parent / f".{dst.name}.old-{tag}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(store, tmp)
+        if dst.exists():
+            dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("%s: copied to %s", store, dst)
 
 
 def read_mappings(cfg: Config) -> dict[str, TokenMapping]:
@@ -123,13 +203,49 @@ class TokenDataModule(L.LightningDataModule):
                     cfg.PATH.PANELS_PATH, mappings, view.panel_filter_regex
                 )
         self.val_names = sorted(dm.dataset.val)
+        for name, loader_cfg in [("train", dm.dataloader.train), *dm.dataloader.val.items()]:
+            where = "train" if name == "train" else f"val.{name}"
+            for key in ("shuffle", "drop_last"):
+                if getattr(loader_cfg, key) is not True:
+                    raise ConfigError(
+                        f"datamodule.dataloader.{where}.{key}={getattr(loader_cfg, key)}: must be "
+                        f"true (the reference asserts it: batches are shuffled and always full)"
+                    )
         self._train: TokenLoader | None = None
+        self._sources_checked = False
+
+    def setup(self, stage: str) -> None:
+        """Rank 0 checks the stores against their sources (when present); every rank gets
+        the verdict, so all stop together on a stale store."""
+        if self._sources_checked:
+            return
+        trainer = self.trainer
+        reason = source_problems(self.cfg, self.stores.sources) if trainer.is_global_zero else None
+        reason = trainer.strategy.broadcast(reason, src=0)
+        self._sources_checked = True
+        if reason:
+            raise StaleStoreError(reason)
+        local = self.cfg.PATH.LOCAL_DIR
+        if local:  # one copy per node (local rank 0); the other ranks wait for it
+            needed = sorted({*self.stores.train, *(p for v in self.stores.val.values() for p in v)})
+            root = Path(self.cfg.PATH.COMPILED_ROOT)
+            if trainer.local_rank == 0:
+                localize(needed, root, Path(local))
+            trainer.strategy.barrier("PATH.LOCAL_DIR")
+            where = {p: local_path(p, root, Path(local)) for p in needed}
+            self.stores = Stores(
+                train=[where[p] for p in self.stores.train],
+                val={k: [where[p] for p in v] for k, v in self.stores.val.items()},
+                sources=self.stores.sources,
+            )
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
-    def _loader(self, paths, loader_cfg, spec: ViewSpec, panels, seed: int) -> TokenLoader:
+    def _loader(
+        self, paths, loader_cfg, spec: ViewSpec, panels, seed: int, in_memory: bool = False
+    ) -> TokenLoader:
         rank, world = self._rank()
         group = loader_cfg.within_group_sampling
         if group not in ("dataset", ["dataset"], None):
@@ -154,6 +270,8 @@ class TokenDataModule(L.LightningDataModule):
             num_workers=loader_cfg.num_workers,
             pin_memory=loader_cfg.pin_memory,
             plan_views=make_planner(spec, self.vocab, panels),
+            in_memory=in_memory,
+            embeddings_key=self.cfg.datamodule.precomp_embs_key,
         )
         for i in loader.sampler.dropped_stores:
             log.warning(
@@ -167,8 +285,16 @@ class TokenDataModule(L.LightningDataModule):
         dm = self.cfg.datamodule
         if self._train is None:
             spec = view_spec(self.cfg, dm.dataset.train, train=True, seed=self.seed)
+            paths, in_memory = self.stores.train, dm.model_speed_sanity_check
+            if in_memory:  # the reference: 5 random train files, held in memory
+                pick = np.random.default_rng(self.seed).permutation(len(paths))[:SPEED_CHECK_FILES]
+                paths = [paths[i] for i in sorted(pick)]
+                log.warning(
+                    "datamodule.model_speed_sanity_check: training on %d stores held in memory",
+                    len(paths),
+                )
             self._train = self._loader(
-                self.stores.train, dm.dataloader.train, spec, self.panels.get("train"), self.seed
+                paths, dm.dataloader.train, spec, self.panels.get("train"), self.seed, in_memory
             )
         return self._train
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from concept import losses
+from concept.callbacks import StepStats
 from concept.config import ModelConfig, TrainingConfig
 from concept.data.batch import PackedBatch
 from concept.data.views import Views, build_views
@@ -85,6 +86,9 @@ class ContrastiveModule(L.LightningModule):
         self.normalization = normalization
         self.val_loader_names = list(val_loader_names)
         self.obs_keys = list(obs_keys)
+        self._host_stats: StepStats | None = None
+        self.last_stats: StepStats | None = None  # the last training step's sizes
+        self.fresh_training = False  # initialize.fresh_training (set by concept.train)
         if self.cfg.training.train_vocab_only:
             for name, p in self.named_parameters():
                 p.requires_grad = ".learnable." in name
@@ -103,12 +107,25 @@ class ContrastiveModule(L.LightningModule):
         backend = self.net.set_backend(self.device)
         log.info("attention backend: %s", backend)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.fresh_training:
+            # weights and optimizer state restored; step, epoch, loader position and the
+            # learning-rate schedule start from zero (the reference's Fabric loop)
+            checkpoint.pop("loops", None)
+            checkpoint["lr_schedulers"] = []
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return (
-            batch.to(device)
-            if isinstance(batch, PackedBatch)
-            else super().transfer_batch_to_device(batch, device, dataloader_idx)
-        )
+        if not isinstance(batch, PackedBatch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        plan = batch.views
+        if plan is not None and plan.cu_seqlens.device.type == "cpu":
+            # sizes for the throughput callback, read while they are still on the host
+            self._host_stats = StepStats(
+                len(batch), np.diff(plan.cu_seqlens.numpy()), plan.max_seqlen
+            )
+        else:
+            self._host_stats = None
+        return batch.to(device)
 
     def _add_learnable(self, validating: bool) -> bool:
         t = self.cfg.training
@@ -150,7 +167,15 @@ class ContrastiveModule(L.LightningModule):
         z1, z2 = gather(z1), gather(z2)
         scale = self.logit_scale.exp()
         kind = self.cfg.contrastive_loss
-        if kind == "binary":
+        if batch.embeddings is not None:  # precomputed embeddings replace view 2
+            emb = gather(batch.embeddings)
+            if emb.shape[1] != z1.shape[1]:
+                raise ValueError(
+                    f"datamodule.precomp_embs_key: the stored embeddings have {emb.shape[1]} "
+                    f"dimensions, the model's {z1.shape[1]} (model.projection_dim or dim_model)"
+                )
+            loss_cont, logits = losses.distance_loss(z1, emb, scale, mask)
+        elif kind == "binary":
             loss_cont, logits = losses.binary_loss(z1, z2, scale, mask=mask)
         elif self.global_step < self.cfg.loss_switch_step or validating:
             loss_cont, logits = losses.clip_loss(z1, z2, scale, mask)
@@ -178,14 +203,13 @@ class ContrastiveModule(L.LightningModule):
     def training_step(self, batch: PackedBatch, batch_idx: int):
         if self.cfg.data_loading_speed_sanity_check:
             return None  # measure the loader alone: no forward, no optimizer step
-        out, (_, _, views) = self._step(batch, validating=False)
+        out, _ = self._step(batch, validating=False)
         n = len(batch)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=False, batch_size=n)
         self.log("train/logit_scale", self.logit_scale.exp().detach(), batch_size=n)
+        # shown on the progress bar, which refreshes (reads it back) every log_every_n_steps
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=n)
-        # host-known sizes for the throughput callback (no device sync)
-        self.last_cells, self.last_tokens = n, len(views.tokens)
-        self.last_padded = 2 * n * views.max_seqlen
+        self.last_stats = self._host_stats
         return out["loss"]
 
     def validation_step(self, batch: PackedBatch, batch_idx: int, dataloader_idx: int = 0):

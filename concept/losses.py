@@ -25,13 +25,25 @@ def _mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
+def symmetric_ce(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the row-wise and column-wise cross-entropy, positives on the diagonal."""
+    target = torch.arange(len(logits), device=logits.device)
+    a = F.cross_entropy(_masked_logits(logits, mask), target, reduction="none")
+    b = F.cross_entropy(_masked_logits(logits.T, mask), target, reduction="none")
+    return 0.5 * (_mean(a, mask) + _mean(b, mask))
+
+
 def clip_loss(z1, z2, scale, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE on ``scale * z1 z2ᵀ`` (N x N, positives on the diagonal)."""
     logits = scale * z1 @ z2.T
-    target = torch.arange(len(z1), device=z1.device)
-    a = F.cross_entropy(_masked_logits(logits, mask), target, reduction="none")
-    b = F.cross_entropy(_masked_logits(logits.T, mask), target, reduction="none")
-    return 0.5 * (_mean(a, mask) + _mean(b, mask)), logits
+    return symmetric_ce(logits, mask), logits
+
+
+def distance_loss(z1, emb, scale, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``datamodule.precomp_embs_key``: view 1 against precomputed embeddings ``emb`` with
+    the reference's distance logits ``scale / (‖z1ᵢ − embⱼ‖₂ + 1e-4)``, symmetric InfoNCE."""
+    logits = scale / (torch.cdist(z1.float(), emb.float()) + 1e-4)
+    return symmetric_ce(logits, mask), logits
 
 
 def combined_loss(z1, z2, scale, mask=None) -> tuple[torch.Tensor, torch.Tensor]:

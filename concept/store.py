@@ -14,6 +14,7 @@ Layout (DESIGN.md section 5)::
     cell/n_genes        int32   (n_cells)   nonzeros before masking
     cell/row            int64   (n_cells)   source row of the stored cell (undoes the shuffle)
     obs/<key>           int32   (n_cells)   category codes, -1 = missing; attrs["categories"]
+    obsm/<key>          float32 (n_cells, k) the source's obsm[key] (compile.precomp_embs_key)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FORMAT_VERSION = 1
 INDPTR, TOKENS, VALUES, VAR_TOKENS = "indptr", "tokens", "values", "var_tokens"
 TOTAL_COUNTS, N_GENES, ROW = "cell/total_counts", "cell/n_genes", "cell/row"
 OBS_GROUP = "obs"
+OBSM_GROUP = "obsm"  # obsm/<key>: float32 (n_cells, k), precomputed per-cell embeddings
 
 # Root attributes every valid store carries.
 ROOT_ATTRS = (
@@ -66,6 +68,7 @@ BYTE_SETTINGS = (
     "normalization",
     "value_dtype",
     "obs_keys",
+    "precomp_embs_key",
     "shuffle_seed",
     "chunk_elements",
     "shard_elements",

@@ -18,10 +18,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from omegaconf import OmegaConf
 
-from concept.callbacks import CSVLog, Throughput
+from concept.callbacks import CSVLog, RunFolder, Throughput
 from concept.cli import entry_point
 from concept.config import Config, ConfigError, validate
 from concept.datamodule import TokenDataModule, read_mappings, resolve_stores
@@ -73,14 +73,19 @@ def load_pretrained(cfg: Config, mappings: dict[str, TokenMapping]) -> dict[str,
     return out
 
 
-def _run_dir(cfg: Config) -> tuple[str, Path]:
+def new_run_id() -> str:
+    """A new run's id when ``wandb.run_name`` is unset: the reference's timestamp."""
+    return dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _run_id(cfg: Config) -> str:
+    """This rank's proposal; under DDP, rank 0's is used (:class:`RunFolder`)."""
     ini = cfg.initialize
     if ini.resume and not ini.create_new_run:
         if not ini.run_id:
             raise ConfigError("initialize.resume=true needs initialize.run_id")
-        return ini.run_id, Path(cfg.PATH.CHECKPOINT_ROOT) / ini.run_id
-    run_id = cfg.wandb.run_name or dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return run_id, Path(cfg.PATH.CHECKPOINT_ROOT) / run_id
+        return ini.run_id
+    return cfg.wandb.run_name or new_run_id()
 
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
@@ -100,7 +105,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     return validate(OmegaConf.merge(saved, cli))
 
 
-def build_trainer(cfg: Config, run_dir: Path, run_id: str) -> L.Trainer:
+def build_trainer(cfg: Config, run_id: str) -> L.Trainer:
     t = cfg.model.training
     gpu = t.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     if t.accelerator in ("gpu", "cuda") and not gpu:
@@ -112,7 +117,12 @@ def build_trainer(cfg: Config, run_dir: Path, run_id: str) -> L.Trainer:
     n_dev = torch.cuda.device_count() if (gpu and devices == -1) else devices
     strategy = "ddp" if (n_dev > 1 or num_nodes > 1) else "auto"
     step_every = 100_000 if t.max_steps > 100_000 else 10_000
+    root = Path(cfg.PATH.CHECKPOINT_ROOT)
+    run_dir = root / run_id  # the proposal: RunFolder moves everything to rank 0's run
+    saved = asdict(cfg)
+    saved["initialize"] = asdict(type(cfg.initialize)())  # a saved config starts fresh
     callbacks = [
+        RunFolder(root, run_id, saved),
         ModelCheckpoint(
             run_dir / "steps",
             "step={step}",
@@ -125,16 +135,16 @@ def build_trainer(cfg: Config, run_dir: Path, run_id: str) -> L.Trainer:
             run_dir / "latest",
             "step={step}",
             every_n_train_steps=min(20_000, t.max_steps),
-            save_top_k=1,
-            monitor="step",
-            mode="max",
+            save_top_k=1,  # no monitor: the newest (also after a fresh_training restart)
             save_last="link",
             auto_insert_metric_name=False,
         ),
         LearningRateMonitor("step"),
         Throughput(),
+        # the bar reads its metrics back from the device: only on logging steps
+        TQDMProgressBar(refresh_rate=t.log_every_n_steps),
     ]
-    loggers = [CSVLog(run_dir / "metrics.csv")]
+    loggers = [CSVLog()]
     if cfg.wandb.enabled:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -183,7 +193,7 @@ def build_trainer(cfg: Config, run_dir: Path, run_id: str) -> L.Trainer:
         profiler=profiler,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        default_root_dir=run_dir,
+        default_root_dir=root,
     )
 
 
@@ -209,25 +219,25 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
         cfg.datamodule.obs_keys,
         pretrained,
     )
-    run_id, run_dir = _run_dir(cfg)
+    run_id = _run_id(cfg)
     ckpt = None
     ini = cfg.initialize
+    if ini.fresh_training and not ini.resume:
+        raise ConfigError(
+            "initialize.fresh_training=true restarts from a checkpoint: also pass "
+            "initialize.resume=true initialize.run_id=... initialize.checkpoint=..."
+        )
     if ini.resume:
         source = Path(cfg.PATH.CHECKPOINT_ROOT) / str(ini.run_id) / str(ini.checkpoint)
         if not source.exists():
             raise ConfigError(f"initialize.checkpoint: {source} does not exist")
-        if ini.create_new_run:  # weights only, into a new run
+        if ini.create_new_run and not ini.fresh_training:  # weights only, into a new run
             state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
             module.load_state_dict(state, strict=False)
-        else:
+        else:  # everything; fresh_training drops the step, epoch and loader position
             ckpt = str(source)
-    trainer = build_trainer(cfg, run_dir, run_id)
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_dict = asdict(cfg)
-        cfg_dict["initialize"] = asdict(type(cfg.initialize)())  # a saved config starts fresh
-        OmegaConf.save(OmegaConf.create(cfg_dict), run_dir / "config.yaml")
-        log.info("run %s -> %s", run_id, run_dir)
+            module.fresh_training = ini.fresh_training
+    trainer = build_trainer(cfg, run_id)
     if cfg.model.training.validate_before_training and ckpt is None and data.val_names:
         trainer.validate(module, datamodule=data)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)

@@ -286,7 +286,7 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         arr = root.create_array(
             name,
             shape=data.shape,
-            chunks=(max(min(s["cell_chunk"], len(data)), 1),),
+            chunks=(max(min(s["cell_chunk"], len(data)), 1), *data.shape[1:]),
             dtype=data.dtype,
             compressors=comp,
             fill_value=0,
@@ -304,6 +304,10 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
     cells(fmt.ROW, perm.astype(np.int64))
     for key, (codes, cats) in obs.items():
         cells(f"{fmt.OBS_GROUP}/{key}", codes[perm], {"categories": cats})
+    embs_key = s.get("precomp_embs_key")
+    if embs_key:
+        embs = _read_obsm(job.source, embs_key, n)
+        cells(f"{fmt.OBSM_GROUP}/{embs_key}", embs[perm])
 
     report.n_cells, report.nnz = n, total
     report.n_cells_unmapped = int((nnz == 0).sum())
@@ -316,9 +320,32 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
         "var_source": var_source,
         "value_dtype": store_vdtype.name,
         "obs_keys": list(obs),
+        "precomp_embs_dim": int(embs.shape[1]) if embs_key else None,
         "n_cells_unmapped": report.n_cells_unmapped,
         "duplicate_genes": report.duplicate_genes,
     }
+
+
+def _read_obsm(source: str, key: str, n_cells: int) -> np.ndarray:
+    """``obsm[key]`` of an h5ad as float32 (n_cells, k) (``compile.precomp_embs_key``)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(source, "r") as f:
+        if "obsm" not in f or key not in f["obsm"]:
+            have = sorted(f["obsm"]) if "obsm" in f else []
+            raise InputError(
+                f"{source}: no obsm[{key!r}] (has {have}): fix datamodule.precomp_embs_key"
+            )
+        value = read_elem(f["obsm"][key])
+    value = np.asarray(value.toarray() if hasattr(value, "toarray") else value, np.float32)
+    if value.ndim != 2 or len(value) != n_cells:
+        raise InputError(
+            f"{source}: obsm[{key!r}] has shape {value.shape}, expected ({n_cells}, k)"
+        )
+    if not np.isfinite(value).all():
+        raise InputError(f"{source}: obsm[{key!r}] holds NaN or inf")
+    return value
 
 
 def _os_error(e: OSError, job: FileJob) -> str:

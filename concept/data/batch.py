@@ -29,6 +29,7 @@ class PackedBatch:
     epoch: int = 0
     index: int = 0  # global batch index within the epoch (the same on every rank)
     views: object | None = field(default=None, repr=False)  # a ViewPlan, when planned
+    embeddings: torch.Tensor | None = None  # (B, k) float32: datamodule.precomp_embs_key
 
     def __len__(self) -> int:
         return len(self.cu_seqlens) - 1
@@ -63,4 +64,5 @@ class PackedBatch:
             store_index=fn(self.store_index),
             obs={k: fn(v) for k, v in self.obs.items()},
             var_tokens=fn(self.var_tokens),
+            embeddings=None if self.embeddings is None else fn(self.embeddings),
         )

@@ -77,9 +77,17 @@ class TokenLoader:
     num_workers
         0: a background thread in this process; k > 0: k DataLoader worker processes.
     pin_memory
-        Pin host buffers (only ever when CUDA is available; False turns it off).
+        Pin host buffers (only ever when CUDA is available; False turns it off), always
+        in this process: by the reading thread, or by the DataLoader's pinning thread
+        when worker processes read (pinning inside a forked worker is unsafe).
     plan_views
         Optional ``fn(batch) -> ViewPlan`` run on the reading thread.
+    in_memory
+        Read every store's tokens and values into memory first
+        (``datamodule.model_speed_sanity_check``: no disk reads while training).
+    embeddings_key
+        Deliver each cell's ``obsm/<key>`` row as ``batch.embeddings``
+        (``datamodule.precomp_embs_key``).
     """
 
     batch_sampler = (
@@ -104,11 +112,16 @@ class TokenLoader:
         num_workers: int = 0,
         pin_memory: bool | None = None,
         plan_views: Callable | None = None,
+        in_memory: bool = False,
+        embeddings_key: str | None = None,
     ):
         self.paths = [Path(p) for p in store_paths]
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
         self.readers = [StoreReader(p, reader) for p in self.paths]
+        if in_memory:
+            for r in self.readers:
+                r.hold_in_memory()
         self.species = [r.attrs["species"] for r in self.readers]
         if not within_group and len(set(self.species)) > 1:
             raise ValueError(
@@ -131,6 +144,7 @@ class TokenLoader:
         self.prefetch, self.num_workers = prefetch, num_workers
         self.pin = torch.cuda.is_available() and pin_memory is not False
         self.plan_views = plan_views
+        self.embeddings = None if embeddings_key is None else f"{fmt.OBSM_GROUP}/{embeddings_key}"
         self._var_cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -172,6 +186,7 @@ class TokenLoader:
         rows = np.empty(n_cells, np.int64)
         store_index = np.empty(n_cells, np.int32)
         obs = {k: np.empty(n_cells, np.int32) for k in self.obs_keys}
+        embs = []
         pending, e, c = [], 0, 0
         for r, ip in zip(reads, ips, strict=True):
             rd = self.readers[r.store]
@@ -182,6 +197,8 @@ class TokenLoader:
             total[c : c + m] = rd.cell_array(fmt.TOTAL_COUNTS)[r.start : r.stop]
             rows[c : c + m] = rd.cell_array(fmt.ROW)[r.start : r.stop]
             store_index[c : c + m] = r.store
+            if self.embeddings is not None:
+                embs.append(rd.rows(self.embeddings, r.start, r.stop))
             for key in self.obs_keys:
                 remap = self.categories.remap[key][r.store]
                 if len(remap) > 1:
@@ -210,10 +227,11 @@ class TokenLoader:
             species=self.species[reads[0].store],
             epoch=epoch,
             index=index,
+            embeddings=torch.from_numpy(np.concatenate(embs)) if embs else None,
         )
         if self.plan_views is not None:
             batch.views = self.plan_views(batch)
-        return batch.pin_memory() if self.pin else batch
+        return batch
 
     def _produce(self, out: queue.Queue, stop: threading.Event, schedule) -> None:
         epoch, start, batches = schedule
@@ -222,7 +240,8 @@ class TokenLoader:
                 if stop.is_set():
                     return
                 reads = self.sampler.rank_slice(batches[index])
-                out.put(self.read_batch(reads, epoch, index))
+                batch = self.read_batch(reads, epoch, index)
+                out.put(batch.pin_memory() if self.pin else batch)
             out.put(_DONE)
         except BaseException as e:  # hand the error to the consumer
             out.put(e)
@@ -253,6 +272,7 @@ class TokenLoader:
                     thread.join(timeout=0.01)
 
     def _iter_workers(self, schedule) -> Iterator[PackedBatch]:
+        # workers hand over unpinned batches; the DataLoader pins them in this process
         loader = torch.utils.data.DataLoader(
             _WorkerBatches(self, schedule),
             batch_size=None,

@@ -159,6 +159,7 @@ class StoreReader:
             self.mode = "raw" if self.attrs["settings"].get("compressor") is None else "tensorstore"
         self._arrays: dict[str, object] = {}
         self._cells: dict[str, np.ndarray] = {}
+        self._memory: dict[str, np.ndarray] = {}  # whole arrays, when held in memory
         self._fds = _FdCache()
         self._pid = os.getpid()
 
@@ -197,6 +198,10 @@ class StoreReader:
         Raw reads finish at once; tensorstore reads run concurrently until completed, so a
         batch issues all its reads before waiting on any.
         """
+        held = self._memory.get(name)
+        if held is not None:
+            out[...] = held[start:stop]
+            return _done
         arr = self._array(name)
         if out.dtype != self.dtype(name):  # e.g. a batch widened to a common dtype
             tmp = np.empty(stop - start, dtype=self.dtype(name))
@@ -224,6 +229,22 @@ class StoreReader:
             n = self.n_cells + 1 if name == fmt.INDPTR else self.n_cells
             self._cells[name] = self.read(name, 0, n)
         return self._cells[name]
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a 2-D per-cell array (``obsm/<key>``), via tensorstore."""
+        key = ("rows", name)
+        if key not in self._arrays:
+            import tensorstore as ts
+
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
+            self._arrays[key] = ts.open(spec, open=True, read=True).result()
+        return self._arrays[key][start:stop].read().result()
+
+    def hold_in_memory(self) -> None:
+        """Read ``tokens`` and ``values`` whole; later reads copy from memory."""
+        nnz = int(self.cell_array(fmt.INDPTR)[-1])
+        for name in (fmt.TOKENS, fmt.VALUES):
+            self._memory[name] = self.read(name, 0, nnz)
 
     def close(self) -> None:
         self._fds.close()
