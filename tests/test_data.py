@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import store_paths
 
 from concept.data import BlockSampler, TokenLoader
+from concept.data.batch import PackedBatch
 from concept.data.reader import StoreReader
 from concept.data.views import (
     Panels,
@@ -18,6 +20,7 @@ from concept.data.views import (
     draw_gene_sets,
     make_planner,
     normalize_values,
+    plan_views,
 )
 from concept.store import open_store
 from concept.vocab import read_token_mapping
@@ -260,6 +263,154 @@ def test_gene_set_rules():
     mixed = ViewSpec(panel_selection="mixed", panel_selection_mixed_prob=0.25)
     names = [draw_gene_sets(var, [panel_a], ["a"], mixed, rng)[2] for _ in range(400)]
     assert 0.15 < names.count("random") / 400 < 0.35
+
+
+def _packed(n_genes: int, n_cells: int, rng, empty=()) -> PackedBatch:
+    """A host batch over a store of ``n_genes`` genes (tokens 2..), cells in stored order
+    (value descending, token ascending); the cells in ``empty`` express nothing."""
+    var = np.arange(2, 2 + n_genes)
+    toks, vals = [], []
+    for i in range(n_cells):
+        k = 0 if i in empty else int(rng.integers(1, min(n_genes, 2500)))
+        t = rng.choice(var, k, replace=False)
+        v = rng.integers(1, 30, k).astype(np.float32)
+        order = np.lexsort((t, -v))
+        toks.append(t[order])
+        vals.append(v[order])
+    cu = np.concatenate([[0], np.cumsum([len(t) for t in toks])])
+    return PackedBatch(
+        tokens=torch.from_numpy(np.concatenate(toks).astype(np.int32)),
+        values=torch.from_numpy(np.concatenate(vals)),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+        total_counts=torch.tensor([float(v.sum()) for v in vals]),
+        rows=torch.arange(n_cells),
+        store_index=torch.zeros(n_cells, dtype=torch.int32),
+        obs={},
+        var_tokens=torch.from_numpy(var),
+        species="hsapiens",
+    )
+
+
+def _reference_sizes(n: int, spec: ViewSpec, panel_genes: int | None):
+    """REFERENCE.md 3.5 written plainly: the possible sizes of view 1 (``(lo, hi)``) and,
+    given view 1's size, of view 2, for a store of ``n`` genes and a ``panel_overlap`` of
+    0 or 1; ``panel_genes``: view 1 is a predesigned panel sharing that many genes."""
+
+    def size(x):
+        return math.ceil(x * n) if 0 < x < 1 else int(x)
+
+    def log_int(low, high):  # log_int_samping: low when low >= high
+        return (low, low) if low >= high else (low, high)
+
+    pmin, pmax, overlap = size(spec.panel_size_min), size(spec.panel_size_max), spec.panel_overlap
+    if panel_genes is None:
+        avail = n if overlap else max(n - pmin, 0)
+        k1 = log_int(min(pmin, avail), min(pmax, avail))
+    else:
+        k1 = (panel_genes, panel_genes)
+
+    def k2(k):
+        m = n if overlap else n - k
+        return log_int(min(pmin, m), min(pmax, m))
+
+    return k1, k2
+
+
+def _conf_view_specs(tmp_path) -> dict[str, ViewSpec]:
+    """The training defaults and every validation loader of conf/, plus the reference's
+    advanced loaders (``DataModuleAdvanced_*``) that stress the sizes."""
+    from concept.config import load_config
+    from concept.datamodule import view_spec
+
+    cfg = load_config([f"PATH.PROJECT_PATH={tmp_path}"])
+    dm = cfg.datamodule
+    specs = {"train": view_spec(cfg, dm.dataset.train, train=True, seed=0)}
+    for name, view in dm.dataset.val.items():
+        specs[name] = view_spec(cfg, view, train=False, seed=1)
+    assert set(specs) == {
+        "train",
+        "same_as_train",
+        *(f"within_P{k}_B256" for k in (200, 800, 6400)),
+    }
+    base = specs["within_P200_B256"]
+    specs["within_unbalanced_B256"] = replace_spec(base, panel_size_min=15000, panel_size_max=15000)
+    everything = replace_spec(
+        base, panel_selection="preselected", panel_size_min=100000, panel_size_max=100000
+    )
+    specs["within_Preselected_vs_all_B256"] = everything
+    specs["within_Preselected_vs_all_overlap_B256"] = replace_spec(everything, panel_overlap=1.0)
+    return specs
+
+
+@pytest.mark.parametrize("n_genes", [500, 10_000, 20_000])
+def test_view_sizes_follow_the_reference(tmp_path, n_genes):
+    vocab = 2 + n_genes
+    panel_a = np.arange(100, 1100)  # 1,000 genes, all in every store
+    panel_b = np.arange(n_genes - 200, n_genes + 600)  # partly beyond the store's genes
+    panels = Panels(
+        names={"hsapiens": ["hs/a.csv", "hs/b.csv"]}, tokens={"hsapiens": [panel_a, panel_b]}
+    )
+    hits = {"hs/a.csv": 1000, "hs/b.csv": len(np.intersect1d(panel_b, np.arange(2, vocab)))}
+    rng = np.random.default_rng(n_genes)
+    batch = _packed(n_genes, 12, rng)
+    cu = batch.cu_seqlens.numpy()
+    cells = [batch.tokens[cu[i] : cu[i + 1]].numpy() for i in range(len(batch))]
+    for name, spec in _conf_view_specs(tmp_path).items():
+        for index in range(12):
+            batch.index = index
+            plan = plan_views(batch, spec, vocab, panels)
+            g1, g2 = plan.gene_sets
+            panel = plan.panel_names[0]
+            k1, k2 = _reference_sizes(n_genes, spec, None if panel == "random" else hits[panel])
+            if panel != "random" and spec.panel_max_drop_rate:  # panel genes dropped at random
+                k1 = (1, k1[1])
+            if k1 == (0, 0) or k2(len(g1)) == (0, 0):
+                # the reference would give an empty view: view 1 gets half the genes (the
+                # README's list of differences), view 2 by the reference's rule
+                assert panel == "random" and len(g1) == n_genes // 2, (name, n_genes)
+            else:
+                assert k1[0] <= len(g1) <= k1[1], (name, n_genes, panel, len(g1), k1)
+            assert k2(len(g1))[0] <= len(g2) <= k2(len(g1))[1], (name, n_genes, len(g2))
+            assert len(np.unique(g1)) == len(g1) and len(np.unique(g2)) == len(g2)
+            if not spec.panel_overlap:
+                assert not np.intersect1d(g1, g2).size
+            if panel != "random":
+                assert set(g1.tolist()) <= set(panels.tokens["hsapiens"][panel == "hs/b.csv"])
+            if index >= 2:
+                continue  # the per-cell check (slow in Python) on the first two batches
+            batch.views = plan
+            views = build_views(batch.to("cpu"))
+            out = views.cu_seqlens.numpy()
+            for v, genes in enumerate((g1, g2)):
+                member = np.zeros(vocab, bool)
+                member[genes] = True
+                for i, cell in enumerate(cells):
+                    want = cell[member[cell]][: spec.max_tokens]  # top-nonzero, stored order
+                    s = v * len(batch) + i
+                    got = views.tokens[out[s] : out[s + 1]].numpy()
+                    assert got[0] == 0 and np.array_equal(got[1:], want), (name, v, i)
+        batch.views = None
+
+
+def test_view_sizes_where_the_reference_is_plain():
+    """The sizes the issue measured, as numbers: the reference's where it gives two views."""
+    rng = np.random.default_rng(0)
+    var10k, var20k = np.arange(2, 10_002), np.arange(2, 20_002)
+    panel = [np.arange(100, 600)]
+    p6400 = ViewSpec(panel_selection="random", panel_size_min=6400, panel_size_max=6400)
+    unbalanced = ViewSpec(panel_selection="random", panel_size_min=15000, panel_size_max=15000)
+    vs_all = ViewSpec(panel_selection="preselected", panel_size_min=1e5, panel_size_max=1e5)
+    cases = [
+        (var10k, p6400, (3600, 6400)),
+        (var20k, p6400, (6400, 6400)),
+        (var20k, unbalanced, (5000, 15000)),
+        (var10k, unbalanced, (5000, 5000)),  # reference: view 1 empty; here split in half
+        (var20k, vs_all, (500, 19500)),  # view 2: every gene outside the panel
+        (var20k, replace_spec(vs_all, panel_overlap=1.0), (500, 20000)),
+    ]
+    for var, spec, sizes in cases:
+        g1, g2, _ = draw_gene_sets(var, panel, ["hs/p.csv"], spec, rng)
+        assert (len(g1), len(g2)) == sizes
 
 
 def test_panels_load_from_the_project(compiled):
