@@ -62,6 +62,20 @@ def test_epochs_reshuffle_deterministically():
     )  # blocks regrouped, not only reordered
 
 
+def test_block_partners_change_from_epoch_to_epoch():
+    s = BlockSampler([4096], batch_size=128, block_size=32, seed=0)
+    epochs, together, partners = 20, 0, set()
+    for e in range(epochs):
+        batches = s.global_batches(e)
+        batch_of = {c: i for i, b in enumerate(batches) for _, c in _cells(b)}
+        assert sorted(batch_of) == list(range(4096))  # every cell once, every epoch
+        together += batch_of[0] == batch_of[31]  # one block of a fixed grid
+        block = next(r for b in batches for r in b if r.start <= 100 < r.stop)
+        partners.add((block.start, block.stop))
+    assert together <= 3  # ~1/32 share a block, ~1/32 a batch otherwise
+    assert len(partners) >= 10  # cell 100's block moves with the grid
+
+
 def test_mixed_batches_and_caps():
     s = BlockSampler([100, 90, 40], batch_size=32, block_size=8, within_group=False)
     batches = s.global_batches(0)

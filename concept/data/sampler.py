@@ -4,8 +4,10 @@ Cells were shuffled once inside each store at compile time, so a run of contiguo
 is a uniform random sample of its file. Each epoch, deterministically from
 ``(seed, epoch)``:
 
-* every store is cut into blocks of ``block_size`` contiguous cells; the blocks are
-  shuffled inside the store and concatenated;
+* every store is cut into blocks of ``block_size`` contiguous cells, on a grid that moves
+  by a random offset each epoch (so a cell's block partners change from epoch to epoch:
+  cells ``d`` apart share a block in about ``1 - d / block_size`` of the epochs); the
+  blocks are shuffled inside the store and concatenated;
 * ``within_group=True`` (the reference's ``within_group_sampling: dataset``): each store's
   block stream is cut into global batches of ``batch_size`` cells, and the batches of all
   stores are shuffled together, so every global batch comes from one store (one file, one
@@ -120,33 +122,38 @@ class BlockSampler:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
-    def _blocks(self, rng: np.random.Generator, store: int) -> np.ndarray:
-        """Shuffled block start offsets of one store."""
-        starts = np.arange(0, self.sizes[store], self.block_size)
-        return starts[rng.permutation(len(starts))]
+    def _blocks(self, rng: np.random.Generator, store: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shuffled blocks ``(starts, lengths)`` of one store, on this epoch's grid: blocks
+        start at a random offset (and one shorter block before it)."""
+        size, bs = int(self.sizes[store]), self.block_size
+        starts = np.union1d(0, np.arange(int(rng.integers(bs)), size, bs))
+        lengths = np.diff(starts, append=size)
+        order = rng.permutation(len(starts))
+        return starts[order], lengths[order]
 
     def global_batches(self, epoch: int) -> list[list[Read]]:
         """The epoch's global batches, each a list of contiguous reads in cell order."""
         rng = np.random.default_rng([self.seed, epoch])
-        streams = [(int(s), self._blocks(rng, int(s))) for s in np.flatnonzero(self.sizes)]
+        streams = [(int(s), *self._blocks(rng, int(s))) for s in np.flatnonzero(self.sizes)]
         if self.within_group:
             batches = [
-                b for s, starts in streams for b in self._cut(np.full(len(starts), s), starts)
+                b
+                for s, starts, lengths in streams
+                for b in self._cut(np.full(len(starts), s), starts, lengths)
             ]
         elif streams:
-            stores = np.concatenate([np.full(len(starts), s) for s, starts in streams])
-            starts = np.concatenate([starts for _, starts in streams])
+            stores = np.concatenate([np.full(len(st), s) for s, st, _ in streams])
+            starts = np.concatenate([st for _, st, _ in streams])
+            lengths = np.concatenate([ln for *_, ln in streams])
             order = rng.permutation(len(starts))
-            batches = self._cut(stores[order], starts[order])
+            batches = self._cut(stores[order], starts[order], lengths[order])
         else:
             batches = []
         order = rng.permutation(len(batches))
         return [batches[i] for i in order]
 
-    def _cut(self, stores: np.ndarray, starts: np.ndarray) -> list[list[Read]]:
+    def _cut(self, stores: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[list[Read]]:
         """Cut a stream of blocks into global batches of ``batch_size`` cells (rest dropped)."""
-        stops = np.minimum(starts + self.block_size, self.sizes[stores])
-        lengths = stops - starts
         ends = np.cumsum(lengths)
         n_batches = int(ends[-1] // self.batch_size) if len(ends) else 0
         batches, b0, offset = [], 0, 0  # offset: cells of block b0 already used
