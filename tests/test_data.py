@@ -427,6 +427,35 @@ def test_view_sizes_where_the_reference_is_plain():
         assert (len(g1), len(g2)) == sizes
 
 
+@pytest.mark.parametrize("empty", [range(8), (0, 3, 7)], ids=["all", "some"])
+@pytest.mark.parametrize("strategy", ["top-nonzero", "random-nonzero", "top"])
+@pytest.mark.parametrize("normalization", ["raw", "binning/10", "totalcount_log1p"])
+def test_empty_cells_give_cls_only_views(empty, strategy, normalization):
+    batch = _packed(300, 8, np.random.default_rng(1), empty=set(empty))
+    spec = ViewSpec(max_tokens=20, gene_sampling_strategy=strategy, normalization=normalization)
+    batch.views = plan_views(batch, spec, vocab_size=302)
+    views = build_views(batch.to("cpu"), normalization)
+    cu_in, cu = batch.cu_seqlens.numpy(), views.cu_seqlens.numpy()
+    assert views.items_mask.all()  # kept, as the reference keeps them
+    for i in range(len(batch)):
+        cell = batch.tokens[cu_in[i] : cu_in[i + 1]].long()
+        for v, genes in enumerate(batch.views.gene_sets):
+            s = v * len(batch) + i
+            seq = views.tokens[cu[s] : cu[s + 1]].tolist()
+            vals = views.values[cu[s] : cu[s + 1]]
+            assert seq[0] == 0 and vals[0] == 0  # CLS first
+            if strategy.startswith("top"):
+                assert seq[1:] == _reference_view(cell, genes, strategy, 20)
+            if i in empty:  # CLS only, or (top) the view's first genes at value 0
+                assert seq[1:] == ([] if strategy != "top" else sorted(genes.tolist())[:20])
+                assert not vals.any()
+    if strategy != "top":  # the training filter drops them, as the reference's qc mask
+        n = np.diff(cu) - 1
+        qc = plan_views(batch, replace_spec(spec, qc_threshold=0.0), vocab_size=302)
+        assert qc.items_mask.tolist() == ((n[:8] > 0) & (n[8:] > 0)).tolist()
+        assert not qc.items_mask[list(empty)].any()
+
+
 def test_panels_load_from_the_project(compiled):
     panels = Panels.load(compiled / "panels", {"hsapiens": _mapping(compiled)})
     assert 2 <= len(panels.names["hsapiens"]) <= 4

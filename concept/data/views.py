@@ -371,13 +371,20 @@ def build_views(batch: PackedBatch, normalization: str = "raw") -> Views:
     """Gather a device batch's planned views (``batch.views``) into packed tensors."""
     plan: ViewPlan = batch.views
     values = normalize_values(batch, normalization)
-    src_tokens = torch.cat([batch.tokens.long(), plan.extra_tokens.long()])
-    src_values = torch.cat([values, values.new_zeros(len(plan.extra_tokens))])
-    idx = plan.src.clamp(min=0)
-    is_cls = plan.src < 0
-    tokens = torch.where(is_cls, CLS_TOKEN, src_tokens[idx])
-    vals = torch.where(is_cls, 0.0, src_values[idx])
-    return Views(tokens, vals, plan.cu_seqlens, plan.max_seqlen, plan.items_mask, len(batch))
+    # the gather's source starts with CLS, so plan.src = -1 reads it; it is never empty,
+    # even when no cell of the batch expresses a gene (CLS-only sequences, as the reference)
+    tokens = batch.tokens.long()
+    src_tokens = torch.cat([tokens.new_full((1,), CLS_TOKEN), tokens, plan.extra_tokens.long()])
+    src_values = torch.cat([values.new_zeros(1), values, values.new_zeros(len(plan.extra_tokens))])
+    idx = plan.src + 1
+    return Views(
+        src_tokens[idx],
+        src_values[idx],
+        plan.cu_seqlens,
+        plan.max_seqlen,
+        plan.items_mask,
+        len(batch),
+    )
 
 
 def make_planner(spec: ViewSpec, vocab_size: int, panels: Panels | None = None):
