@@ -462,25 +462,59 @@ def test_panels_load_from_the_project(compiled):
     assert all(np.all(t >= 2) and np.all(np.diff(t) > 0) for t in panels.tokens["hsapiens"])
 
 
+def _view_lengths(b, max_tokens):
+    """Per cell and view: the reference's seq_length (expressed genes of the view, capped)."""
+    cu = b.cu_seqlens.numpy()
+    out = []
+    for genes in b.views.gene_sets:
+        member = set(genes.tolist())
+        cells = [b.tokens[cu[i] : cu[i + 1]].tolist() for i in range(len(b))]
+        out.append(np.array([min(sum(t in member for t in c), max_tokens) for c in cells]))
+    return out
+
+
 def test_feature_drop_qc_and_token_budget(compiled):
     base = ViewSpec(max_tokens=1000, panel_size_min=0.3, panel_size_max=0.3)
     lengths = lambda views: np.mean([np.diff(v.cu_seqlens.numpy()).mean() for _, v in views])  # noqa: E731
     assert lengths(_views(compiled, replace_spec(base, feature_max_drop_rate=0.9))) < 0.8 * lengths(
         _views(compiled, base)
     )
+    kept = dropped = 0
     for b, v in _views(compiled, replace_spec(base, qc_threshold=0.15)):
         n = np.diff(v.cu_seqlens.numpy()) - 1
-        b1, b2 = len(b.views.gene_sets[0]), len(b.views.gene_sets[1])
-        keep = v.items_mask.numpy()
-        assert np.array_equal(n[: len(b)] > 0, keep) or not keep.all()
-        assert np.all(n[: len(b)][keep] > 0.15 * b1) and np.all(n[len(b) :][keep] > 0.15 * b2)
-        assert np.all(n[: len(b)][~keep] == 0)  # dropped cells keep only CLS
-    for _, v in _views(compiled, replace_spec(base, max_total_seq_length=3000)):
-        n = np.diff(v.cu_seqlens.numpy()) - 1
-        b = len(v.items_mask)
-        assert (n[:b] + n[b:]).sum() <= 3000 and not v.items_mask.all()
+        l1, l2 = _view_lengths(b, 1000)
+        g1, g2 = (len(g) for g in b.views.gene_sets)
+        want = (l1 > 0.15 * g1) & (l2 > 0.15 * g2)  # the reference's qc_mask
+        assert v.items_mask.tolist() == want.tolist()
+        assert np.array_equal(n[: len(b)], np.where(want, l1, 0))  # dropped: CLS only
+        assert np.array_equal(n[len(b) :], np.where(want, l2, 0))
+        kept, dropped = kept + want.sum(), dropped + (~want).sum()
+    assert kept and dropped  # both cases happen
+    truncated = 0
+    for budget in (3000, 2 * 3000):
+        for b, v in _views(compiled, replace_spec(base, max_total_seq_length=budget)):
+            l1, l2 = _view_lengths(b, 1000)
+            total = np.cumsum(l1 + l2)  # the reference's adapt_batch_size
+            want = total < budget if total[-1] > budget else np.ones(len(b), bool)
+            assert v.items_mask.tolist() == want.tolist()
+            truncated += not want.all()
+    assert truncated
     for _, v in _views(compiled, replace_spec(base, max_total_seq_length=3000, train=False)):
         assert v.items_mask.all()  # validation ignores the training-only filters
+
+
+def test_token_budget_after_qc():
+    """Cells dropped by qc do not count toward the budget; reaching it exactly drops."""
+    batch = _packed(300, 16, np.random.default_rng(2), empty={1})
+    spec = ViewSpec(max_tokens=60, panel_size_min=100, panel_size_max=100, qc_threshold=0.5)
+    batch.views = plan_views(batch, spec, vocab_size=302)
+    l1, l2 = _view_lengths(batch, 60)
+    qc = (l1 > 50) & (l2 > 50)
+    dropped = np.flatnonzero(~qc & (l1 + l2 > 0))[0]  # dropped by qc, but has genes
+    at = int(np.flatnonzero(qc & (np.arange(16) > dropped))[1])  # the budget is reached here
+    budget = int(np.cumsum((l1 + l2) * qc)[at])
+    plan = plan_views(batch, replace_spec(spec, max_total_seq_length=budget), vocab_size=302)
+    assert plan.items_mask.tolist() == (qc & (np.arange(16) < at)).tolist()
 
 
 def replace_spec(spec, **kw):

@@ -310,7 +310,11 @@ def plan_views(
         for length, g in zip(lengths, (g1, g2), strict=True):
             keep &= length > spec.qc_threshold * len(g)
     if spec.train and spec.max_total_seq_length is not None:
-        keep &= np.cumsum(lengths[0] + lengths[1]) <= spec.max_total_seq_length
+        # the reference's adapt_batch_size: cells dropped by qc count 0; over budget, the
+        # cells from the first whose running total reaches the budget on are dropped
+        total = np.cumsum((lengths[0] + lengths[1]) * keep)
+        if total.max(initial=0) > spec.max_total_seq_length:
+            keep &= total < spec.max_total_seq_length
     # lay out 2B sequences [CLS, entries..., zero genes...]; dropped cells keep only CLS
     seq = np.concatenate([np.where(keep, n, 0) for n in lengths]) + 1
     cu_out = np.zeros(2 * b + 1, np.int64)
