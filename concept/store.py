@@ -64,6 +64,7 @@ BYTE_SETTINGS = (
     "value_dtype",
     "obs_keys",
     "shuffle_seed",
+    "group_by",
     "chunk_elements",
     "shard_elements",
     "cell_chunk",

@@ -77,7 +77,7 @@ def test_block_partners_change_from_epoch_to_epoch():
 
 
 def test_mixed_batches_and_caps():
-    s = BlockSampler([100, 90, 40], batch_size=32, block_size=8, within_group=False)
+    s = BlockSampler([100, 90, 40], batch_size=32, block_size=8, groups=[0, 0, 0])
     batches = s.global_batches(0)
     cells = [c for b in batches for c in _cells(b)]
     assert len(batches) == 230 // 32 and len(cells) == len(set(cells))
@@ -88,6 +88,28 @@ def test_mixed_batches_and_caps():
     assert equal.sizes.tolist() == [100, 100]
     one = BlockSampler([100, 100, 100], 32, 8, num_groups=1)
     assert (one.sizes > 0).sum() == 1
+
+
+def test_groups_of_cells_across_stores():
+    # store 0: cells alternate between groups 0 and 1; store 1: group 1, with 10 ungrouped
+    g0 = np.arange(100) % 2
+    g1 = np.r_[np.ones(60, int), np.full(10, -1)]
+    s = BlockSampler([100, 70], batch_size=16, block_size=8, groups=[g0, g1], seed=1)
+    assert len(s) == 50 // 16 + 110 // 16
+    for e in range(3):
+        batches = s.global_batches(e)
+        cells = [c for b in batches for c in _cells(b)]
+        assert len(cells) == len(set(cells)) == 16 * len(s)
+        label = {(0, c): g0[c] for c in range(100)} | {(1, c): g1[c] for c in range(70)}
+        for b in batches:
+            assert len({label[c] for c in _cells(b)}) == 1 and label[_cells(b)[0]] >= 0
+        assert any(len({r.store for r in b}) == 2 for b in batches)  # a group spans stores
+        assert all(r.stop - r.start == 1 for b in batches for r in b if r.store == 0)
+    equal = BlockSampler(
+        [100, 70], 16, 8, groups=[g0, g1], num_samples=64, sample_groups_equally=True
+    )
+    assert equal.sizes.tolist() == [32 + 15, 17]  # 32 per group; group 1 split 50:60
+    assert BlockSampler([100, 70], 16, 8, groups=[-1, g1]).dropped_stores == [0]
 
 
 # --- readers and packed batches --------------------------------------------------------
@@ -132,6 +154,76 @@ def test_batches_equal_store_contents(compiled):
             seen.add((store, k))
     expected = sum(len(s) // 32 * 32 for s in stores if len(s) >= 32)
     assert len(seen) == expected
+
+
+def test_batches_within_one_tissue_across_files(compiled):
+    paths = store_paths(compiled, "hs_")
+    stores = [open_store(p) for p in paths]
+    loader = TokenLoader(paths, 16, 4, within_group="tissue", obs_keys=["tissue"], seed=2)
+    names = loader.categories.names["tissue"]
+    where = [{int(r): i for i, r in enumerate(s.rows)} for s in stores]
+    per_tissue: dict[str, int] = {}
+    for st in stores:
+        codes, cats = st.obs("tissue")
+        for c in codes[codes >= 0]:
+            per_tissue[cats[c]] = per_tissue.get(cats[c], 0) + 1
+    assert len(loader) == sum(n // 16 for n in per_tissue.values())
+    genes = np.unique(np.concatenate([s.var_tokens for s in stores]))
+    seen, spans = set(), 0
+    for b in loader:
+        tissue = {int(t) for t in b.obs["tissue"]}
+        assert len(tissue) == 1 and min(tissue) >= 0  # one tissue per batch
+        assert np.array_equal(b.var_tokens.numpy(), genes)  # the union of the files' genes
+        for i in range(len(b)):
+            store = int(b.store_index[i])
+            k = where[store][int(b.rows[i])]
+            codes, cats = stores[store].obs("tissue")
+            assert cats[codes[k]] == names[min(tissue)]  # the stored label of that cell
+            seen.add((store, k))
+        spans += len(set(b.store_index.tolist())) > 1
+    assert len(seen) == 16 * len(loader) and spans  # cells once; batches span files
+    no_tissue = [i for i, s in enumerate(stores) if (s.obs("tissue")[0] < 0).all()]
+    assert no_tissue and loader.sampler.dropped_stores == no_tissue  # hs_dense_d: no column
+    by_donor = TokenLoader(
+        paths, 16, 4, within_group=["dataset", "donor_id"], obs_keys=["donor_id"]
+    )
+    for b in by_donor:
+        assert len(set(b.store_index.tolist())) == 1 and len(set(b.obs["donor_id"].tolist())) == 1
+
+
+def test_compile_group_by_lays_out_groups_for_few_reads(project_copy):
+    from conftest import config
+
+    from concept.config import ConfigError
+    from preprocess.compile import run
+    from preprocess.verify import run as verify
+
+    with pytest.raises(ConfigError, match="compile.group_by='batch' is not among compile.obs_keys"):
+        config(project_copy, "compile.group_by=batch")
+    cfg = config(project_copy, "compile.group_by=tissue", "compile.workers=1")
+    assert run(cfg) == 0 and verify(cfg) == 0  # every sampled cell equals its source row
+    paths = [p for p in store_paths(project_copy, "hs_") if "dense" not in p.name]
+    for p in paths:
+        codes = open_store(p).obs("tissue")[0]
+        assert np.all(np.diff(codes) >= 0) and len(set(codes)) > 1  # one run per tissue
+    loader = TokenLoader(paths, 16, 4, within_group="tissue", obs_keys=["tissue"])
+    batches = loader.sampler.global_batches(0)
+    # a tissue's cells are contiguous in each store, so every block is one read (a batch:
+    # 4 blocks, pieces of 2 more, and the short first block of each store's tissue run)
+    blocks = [p.size // 4 + 2 for g in loader.sampler.groups for p in g]
+    assert sum(len(b) for b in batches) <= sum(blocks) + 2 * len(batches)
+    assert np.mean([len(b) for b in batches]) < 6  # against ~16 reads unsorted
+    assert {len({int(t) for t in b.obs["tissue"]}) for b in loader} == {1}
+
+
+def test_grouping_needs_the_obs_column(compiled, tmp_path):
+    import shutil
+
+    src = store_paths(compiled, "hs_csr_a")[0]
+    shutil.copytree(src, tmp_path / src.name)
+    shutil.rmtree(tmp_path / src.name / "obs" / "tissue")
+    with pytest.raises(ValueError, match="needs obs column 'tissue', which this store was"):
+        TokenLoader([tmp_path / src.name], 16, within_group="tissue")
 
 
 def _trace(loader, n=None):
