@@ -26,6 +26,13 @@ down; cells per CPU-second is the figure they disturb least). The rows:
     mapped nonzero gene of its cells, compact dtypes, value-descending per cell.
 ``packed/tensorstore``
     The same with ``reader="tensorstore"``.
+``packed/tissue``
+    The same as ``packed/raw`` with ``within_group_sampling: tissue`` (every batch holds
+    cells of one tissue): the store keeps the compile's random order, so a tissue's cells
+    are scattered and a batch is read as about one run per cell.
+``packed/tissue+layout``
+    The same over a second store of the file compiled with ``compile.group_by=tissue``
+    (each tissue's cells contiguous, shuffled within it): one run per block again.
 ``packed+views/raw``
     The same as ``packed/raw`` with the two panel views planned on the reading thread
     (``concept.data.views.make_planner`` with the ``DataModuleBasic`` train view settings).
@@ -124,6 +131,18 @@ ROWS = {
         20,
         1500,
         "as packed/raw",
+    ),
+    "packed/tissue": (
+        "packed batches within one tissue, compile order (raw, 0 workers)",
+        20,
+        2000,
+        "as packed/raw; within_group_sampling: tissue",
+    ),
+    "packed/tissue+layout": (
+        "packed batches within one tissue, compile.group_by=tissue (raw, 0 workers)",
+        50,
+        12000,
+        "as packed/tissue, store laid out by tissue",
     ),
     "packed+views/raw": (
         "packed batches + views planned on CPU (raw, 0 workers)",
@@ -265,6 +284,14 @@ def store_dir(out: Path) -> Path:
     return store_path(out / "compiled", SOURCE_NAME, Path(FILE).stem)
 
 
+def grouped_store_dir(out: Path) -> Path:
+    """The store of ``FILE`` compiled with ``compile.group_by=tissue``."""
+    from concept.store import store_path
+    from preprocess.synth import SOURCE_NAME
+
+    return store_path(out / "compiled_by_tissue", SOURCE_NAME, Path(FILE).stem)
+
+
 def annbatch_dir(out: Path) -> Path:
     return out / "annbatch" / f"{Path(FILE).stem}.zarr"
 
@@ -294,29 +321,36 @@ def ensure_h5ad(out: Path, cells: int, genes: int, seed: int) -> dict:
     return {**meta, "cached": False}
 
 
-def ensure_store(out: Path) -> dict:
+def ensure_store(out: Path, grouped: bool = False) -> dict:
     """Compile the project's human split with ``preprocess.compile.run`` (which skips
-    stores that are current); the compile time of ``FILE`` is kept from its fresh build."""
+    stores that are current); the compile time of ``FILE`` is kept from its fresh build.
+    ``grouped``: the second set of stores, compiled with ``compile.group_by=tissue``."""
     from concept.config import load_config
     from preprocess.compile import run
 
-    meta_path = out / "compiled.json"
-    cfg = load_config([f"PATH.PROJECT_PATH={out}", "compile.register=false", "compile.workers=1"])
+    meta_path = out / ("compiled_by_tissue.json" if grouped else "compiled.json")
+    over = [f"PATH.PROJECT_PATH={out}", "compile.register=false", "compile.workers=1"]
+    if grouped:
+        over += [f"PATH.COMPILED_ROOT={out}/compiled_by_tissue", "compile.group_by=tissue"]
+    cfg = load_config(over)
     t0 = time.perf_counter()
     if run(cfg) != 0:
         raise SystemExit("compile failed")
     wall = time.perf_counter() - t0
-    report = json.loads((out / "compiled" / "compile_report.json").read_text())
+    report = json.loads((Path(cfg.PATH.COMPILED_ROOT) / "compile_report.json").read_text())
     rec = next(f for f in report["files"] if Path(f["file"]).name == FILE)
     if rec["status"] == "skipped" and meta_path.is_file():
         return {**_read_meta(meta_path), "cached": True}
-    du = sum(p.stat().st_size for p in files_under(store_dir(out)))
+    du = sum(
+        p.stat().st_size for p in files_under(grouped_store_dir(out) if grouped else store_dir(out))
+    )
     meta = {
         "seconds": round(rec["seconds"], 2),
         "cells_per_s": round(rec["cells_per_s"]),
         "wall_seconds_all_files": round(wall, 2),
         "store_mb": round(du / MiB, 1),
-        "settings": "defaults: uncompressed, raw values, workers=1",
+        "settings": "defaults: uncompressed, raw values, workers=1"
+        + (", group_by=tissue" if grouped else ""),
     }
     meta_path.write_text(json.dumps(meta))
     return {**meta, "cached": rec["status"] == "skipped"}
@@ -385,14 +419,15 @@ def ensure_annbatch(out: Path, py: Path) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def _token_loader(out: Path, reader: str, planner=None):
+def _token_loader(out: Path, reader: str, planner=None, store=None, within_group="dataset"):
     from concept.data import TokenLoader
 
     return TokenLoader(
-        [store_dir(out)],
+        [store or store_dir(out)],
         batch_size=BATCH,
         block_size=32,
         seed=0,
+        within_group=within_group,
         reader=reader,
         obs_keys=OBS_KEYS,
         pin_memory=False,
@@ -412,6 +447,12 @@ def _epochs(loader, count):
 def row_packed(out: Path, reader: str, seed: int = 0):
     loader = _token_loader(out, reader)
     return _epochs(loader, lambda b: int(b.tokens.numel())), files_under(store_dir(out))
+
+
+def row_tissue(out: Path, layout: bool):
+    store = grouped_store_dir(out) if layout else store_dir(out)
+    loader = _token_loader(out, "raw", store=store, within_group="tissue")
+    return _epochs(loader, lambda b: int(b.tokens.numel())), files_under(store)
 
 
 def views_planner(out: Path):
@@ -581,6 +622,10 @@ def make_row(key: str, out: Path, n_batches: int, seed: int):
         return row_packed(out, "raw", seed)
     if key == "packed/tensorstore":
         return row_packed(out, "tensorstore", seed)
+    if key == "packed/tissue":
+        return row_tissue(out, layout=False)
+    if key == "packed/tissue+layout":
+        return row_tissue(out, layout=True)
     if key == "packed+views/raw":
         return row_views(out, seed)
     if key == "reference":
@@ -833,6 +878,8 @@ def main() -> None:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {list(ROWS)}")
     prepare: dict = {"h5ad": ensure_h5ad(out, args.cells, args.genes, args.seed)}
     prepare["compile"] = ensure_store(out)
+    if "packed/tissue+layout" in keys:
+        prepare["compile_by_tissue"] = ensure_store(out, grouped=True)
     annbatch_py, why = (None, "not requested")
     if "annbatch" in keys:
         annbatch_py, why = annbatch_python()
@@ -844,6 +891,8 @@ def main() -> None:
                 why = f"annbatch conversion failed: {e}"
                 annbatch_py = None
     files = files_under(h5ad_path(out)) + files_under(store_dir(out))
+    if "packed/tissue+layout" in keys:
+        files += files_under(grouped_store_dir(out))
     if annbatch_py is not None:
         files += files_under(annbatch_dir(out))
     prepare["warm_cache_seconds"] = round(warm_cache(files), 1)

@@ -101,6 +101,7 @@ class CompileConfig:
     obs_keys: list[str] = field(default_factory=list)
     precomp_embs_key: str | None = None  # obsm key compiled as per-cell embeddings
     shuffle_seed: int = 0
+    group_by: str | None = None  # obs column whose cells are laid out together
     chunk_elements: int = 65536
     shard_elements: int = 4194304
     cell_chunk: int = 32768
@@ -124,6 +125,11 @@ class CompileConfig:
         _check_choice("compile.value_dtype", self.value_dtype, ("float16", "float32"))
         _check_choice("compile.compressor", self.compressor, (None, "zstd", "blosc"))
         _check_choice("compile.fingerprint", self.fingerprint, ("fast", "full"))
+        if self.group_by is not None and self.group_by not in self.obs_keys:
+            raise ConfigError(
+                f"compile.group_by={self.group_by!r} is not among compile.obs_keys "
+                f"{self.obs_keys}: add it to datamodule.obs_keys"
+            )
         if self.shard_elements % self.chunk_elements:
             raise ConfigError("compile.shard_elements must be a multiple of compile.chunk_elements")
         if not 0 <= self.shard_index < self.num_shards:

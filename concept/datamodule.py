@@ -247,12 +247,6 @@ class TokenDataModule(L.LightningDataModule):
         self, paths, loader_cfg, spec: ViewSpec, panels, seed: int, in_memory: bool = False
     ) -> TokenLoader:
         rank, world = self._rank()
-        group = loader_cfg.within_group_sampling
-        if group not in ("dataset", ["dataset"], None):
-            raise NotImplementedError(
-                f"within_group_sampling={group!r}: compiled stores group by file ('dataset') or "
-                "not at all (null)"
-            )
         loader = TokenLoader(
             paths,
             batch_size=loader_cfg.batch_size,
@@ -260,7 +254,7 @@ class TokenDataModule(L.LightningDataModule):
             seed=seed,
             rank=rank,
             world_size=world,
-            within_group=group is not None,
+            within_group=loader_cfg.within_group_sampling,
             num_samples=loader_cfg.num_samples,
             num_groups=loader_cfg.num_groups,
             sample_groups_equally=loader_cfg.sample_groups_equally,

@@ -70,6 +70,7 @@ BYTE_SETTINGS = (
     "obs_keys",
     "precomp_embs_key",
     "shuffle_seed",
+    "group_by",
     "chunk_elements",
     "shard_elements",
     "cell_chunk",

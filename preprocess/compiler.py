@@ -183,6 +183,9 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
                 report.warnings.append(f"obs column {key!r} missing: codes -1")
                 col = (np.full(n, -1, np.int32), [])
             obs[key] = col
+        if s["group_by"]:  # cells of one value contiguous (shuffled within it): fast sampling
+            perm = perm[np.argsort(obs[s["group_by"]][0][perm], kind="stable")]
+            out_pos[perm] = np.arange(n)
 
         scratch = tmp / "_scratch"
         scratch.mkdir(parents=True)

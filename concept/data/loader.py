@@ -66,7 +66,13 @@ class TokenLoader:
         Global batch size; each rank yields ``batch_size // world_size`` cells per batch.
     block_size
         Contiguous cells read together (see :class:`BlockSampler`).
-    seed, rank, world_size, within_group, num_samples, num_groups, sample_groups_equally
+    within_group
+        The reference's ``within_group_sampling``: ``"dataset"`` (every global batch from
+        one store), ``None`` (batches mix the stores of one species), or obs column(s)
+        (every batch holds cells of one value, across the stores of one species; a list
+        is a joint key, and with ``"dataset"`` in it, within one store). Cells without a
+        value are not sampled.
+    seed, rank, world_size, num_samples, num_groups, sample_groups_equally
         Passed to :class:`BlockSampler`.
     obs_keys
         Obs columns to load as int32 codes (into :attr:`categories`).
@@ -102,7 +108,7 @@ class TokenLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        within_group: bool = True,
+        within_group: str | list[str] | None = "dataset",
         num_samples: int | None = None,
         num_groups: int | None = None,
         sample_groups_equally: bool = False,
@@ -123,10 +129,8 @@ class TokenLoader:
             for r in self.readers:
                 r.hold_in_memory()
         self.species = [r.attrs["species"] for r in self.readers]
-        if not within_group and len(set(self.species)) > 1:
-            raise ValueError(
-                "within_group=False mixes stores in a batch: all must share one species"
-            )
+        keys = [within_group] if isinstance(within_group, str) else list(within_group or [])
+        self._per_store = "dataset" in keys  # else a batch's genes: all of its species'
         self.sampler = BlockSampler(
             [r.n_cells for r in self.readers],
             batch_size,
@@ -134,7 +138,7 @@ class TokenLoader:
             seed,
             rank,
             world_size,
-            within_group,
+            self._groups(keys, within_group),
             num_samples,
             num_groups,
             sample_groups_equally,
@@ -146,6 +150,7 @@ class TokenLoader:
         self.plan_views = plan_views
         self.embeddings = None if embeddings_key is None else f"{fmt.OBSM_GROUP}/{embeddings_key}"
         self._var_cache: dict[int, np.ndarray] = {}
+        self._species_var: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -162,12 +167,49 @@ class TokenLoader:
 
     # --- reading --------------------------------------------------------------------
 
+    def _groups(self, keys: list[str], setting) -> list[int | np.ndarray]:
+        """The sampler's group ids: per store (by store or species), or per cell (a joint
+        code of the species or store and the obs columns; -1 where a value is missing)."""
+        names = sorted(set(self.species))
+        base = [i if self._per_store else names.index(s) for i, s in enumerate(self.species)]
+        cols = [k for k in keys if k != "dataset"]
+        if not cols:
+            return base
+        for p in self.paths:
+            for key in cols:
+                if not (p / fmt.OBS_GROUP / key / "zarr.json").exists():
+                    raise ValueError(
+                        f"{p}: within_group_sampling={setting!r} needs obs column {key!r}, "
+                        "which this store was compiled without: add it to "
+                        "datamodule.obs_keys and compile again"
+                    )
+        cats = _Categories(self.paths, cols)
+        out = []
+        for i, r in enumerate(self.readers):
+            ids = np.full(r.n_cells, base[i], np.int64)
+            missing = np.zeros(r.n_cells, bool)
+            for key in cols:
+                codes = cats.remap[key][i][r.cell_array(f"{fmt.OBS_GROUP}/{key}") + 1]
+                missing |= codes < 0
+                ids = ids * (len(cats.names[key]) + 1) + codes + 1
+            out.append(np.where(missing, -1, ids))
+        return out
+
     def var_tokens(self, store: int) -> np.ndarray:
         if store not in self._var_cache:
             r = self.readers[store]
             n = json.loads((r.path / fmt.VAR_TOKENS / "zarr.json").read_text())["shape"][0]
             self._var_cache[store] = r.read(fmt.VAR_TOKENS, 0, n)
         return self._var_cache[store]
+
+    def _genes_of(self, species: str) -> np.ndarray:
+        """The union of the genes of the species' stores (the reference's outer join)."""
+        if species not in self._species_var:
+            stores = [i for i, s in enumerate(self.species) if s == species]
+            self._species_var[species] = np.unique(
+                np.concatenate([self.var_tokens(i) for i in stores])
+            )
+        return self._species_var[species]
 
     def read_batch(self, reads: list[Read], epoch: int = 0, index: int = 0) -> PackedBatch:
         """Read one rank's share of a global batch into a packed batch."""
@@ -209,12 +251,8 @@ class TokenLoader:
             e, c = e + k, c + m
         for finish in pending:
             finish()
-        stores = sorted({r.store for r in reads})
-        var = (
-            self.var_tokens(stores[0])
-            if len(stores) == 1
-            else np.unique(np.concatenate([self.var_tokens(s) for s in stores]))
-        )
+        species = self.species[reads[0].store]
+        var = self.var_tokens(reads[0].store) if self._per_store else self._genes_of(species)
         batch = PackedBatch(
             tokens=torch.from_numpy(tokens),
             values=torch.from_numpy(values),
@@ -224,7 +262,7 @@ class TokenLoader:
             store_index=torch.from_numpy(store_index),
             obs={k: torch.from_numpy(v) for k, v in obs.items()},
             var_tokens=torch.from_numpy(var),
-            species=self.species[reads[0].store],
+            species=species,
             epoch=epoch,
             index=index,
             embeddings=torch.from_numpy(np.concatenate(embs)) if embs else None,

@@ -1,22 +1,29 @@
 """Which cells each rank reads at each step: a block sampler over compiled stores.
 
 Cells were shuffled once inside each store at compile time, so a run of contiguous cells
-is a uniform random sample of its file. Each epoch, deterministically from
-``(seed, epoch)``:
+is a uniform random sample of its file. Every global batch comes from one *group*: by
+default a store (the reference's ``within_group_sampling: dataset``: one file, one
+species, one gene universe); any other grouping gives a group id to every store or to
+every cell (:class:`TokenLoader <concept.data.loader.TokenLoader>` makes them from obs
+columns), and a group's cells may lie in several stores. Each epoch, deterministically
+from ``(seed, epoch)``:
 
-* every store is cut into blocks of ``block_size`` contiguous cells; the blocks are
-  shuffled inside the store and concatenated;
-* ``within_group=True`` (the reference's ``within_group_sampling: dataset``): each store's
-  block stream is cut into global batches of ``batch_size`` cells, and the batches of all
-  stores are shuffled together, so every global batch comes from one store (one file, one
-  species, one gene universe). A store's remainder (fewer than ``batch_size`` cells) is
-  not used that epoch, and stores smaller than one batch are never used, as in the
-  reference; :attr:`BlockSampler.dropped_stores` lists them;
-* ``within_group=False``: the blocks of all stores are shuffled together before cutting
-  into batches, so a batch mixes stores.
+* each group's cells in each store (a *part*, in store order) are cut into blocks of
+  ``block_size`` consecutive cells, on a grid that moves by a random offset each epoch
+  (so a cell's block partners change from epoch to epoch: cells ``d`` apart share a
+  block in about ``1 - d / block_size`` of the epochs);
+* a group's blocks (of all its parts) are shuffled and cut into global batches of
+  ``batch_size`` cells; a group's remainder is not used that epoch, and groups smaller
+  than one batch are never used, as in the reference (:attr:`BlockSampler.dropped_stores`
+  lists the stores that lose every cell that way);
+* the batches of all groups are shuffled together.
+
+A block of a part whose cells are not contiguous in the store (an obs group of a store
+that was not compiled with ``compile.group_by`` on that column) is read as one run per
+contiguous stretch, which is slower but the same cells.
 
 Rank ``r`` of ``W`` reads the ``r``-th contiguous slice of ``batch_size // W`` cells of
-every global batch, so all ranks see the same number of batches, from the same store.
+every global batch, so all ranks see the same number of batches, from the same group.
 """
 
 from __future__ import annotations
@@ -35,6 +42,57 @@ class Read:
     stop: int
 
 
+@dataclass(frozen=True)
+class _Part:
+    """The cells of one group in one store: ``cells`` (ascending), or None for the first
+    ``size`` cells of the store."""
+
+    store: int
+    size: int
+    cells: np.ndarray | None = None
+
+    def head(self, k: int) -> _Part:
+        return _Part(self.store, k, None if self.cells is None else self.cells[:k])
+
+    def reads(self, a: int, b: int) -> list[Read]:
+        """Positions ``[a, b)`` of the part as contiguous reads of its store."""
+        if self.cells is None:
+            return [Read(self.store, a, b)]
+        c = self.cells[a:b]
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(c) != 1) + 1, [len(c)]])
+        return [
+            Read(self.store, int(c[i]), int(c[j - 1]) + 1)
+            for i, j in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+
+
+def _parts(sizes: np.ndarray, groups: list[int | np.ndarray]) -> list[list[_Part]]:
+    """Each group's parts, in group id order (cells of group -1 are left out)."""
+    out: dict[int, list[_Part]] = {}
+    for store, (size, g) in enumerate(zip(sizes, groups, strict=True)):
+        if np.ndim(g) == 0:
+            if g >= 0:
+                out.setdefault(int(g), []).append(_Part(store, int(size)))
+            continue
+        g = np.asarray(g)
+        if len(g) != size:
+            raise ValueError(f"store {store}: {len(g)} group ids for {size} cells")
+        order = np.argsort(g, kind="stable")  # cells of each group, ascending
+        ids, starts = np.unique(g[order], return_index=True)
+        for gid, cells in zip(ids, np.split(order, starts[1:]), strict=True):
+            if gid >= 0:
+                out.setdefault(int(gid), []).append(_Part(store, len(cells), cells))
+    return [out[k] for k in sorted(out)]
+
+
+def _share(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` over parts in proportion to ``sizes`` (largest remainders first)."""
+    exact = total * sizes / max(int(sizes.sum()), 1)
+    out = np.floor(exact).astype(np.int64)
+    out[np.argsort(out - exact, kind="stable")[: total - int(out.sum())]] += 1
+    return out
+
+
 class BlockSampler:
     """Deterministic global batches over stores, sliced per rank.
 
@@ -45,21 +103,22 @@ class BlockSampler:
     batch_size
         Global batch size (all ranks together); must be divisible by ``world_size``.
     block_size
-        Contiguous cells read together.
+        Consecutive cells of a part read together.
     seed
         Base seed; epoch ``e`` uses ``(seed, e)``.
     rank, world_size
         This process's slice of every global batch.
-    within_group
-        Every global batch from one store (default) or mixed.
+    groups
+        Per store, the group id of the whole store (an int) or of each of its cells (an
+        int array; -1: never sampled). Default: one group per store.
     num_samples
-        Cap on cells per epoch, split across stores in proportion to their size, each store
-        keeping at least one batch (fixed for all epochs: the first cells of each store,
-        already a random sample).
+        Cap on cells per epoch, split across groups in proportion to their size, each
+        group keeping at least one batch (fixed for all epochs: the first cells of each
+        part, already a random sample).
     num_groups
-        Keep only this many stores, chosen once with ``seed``.
+        Keep only this many groups, chosen once with ``seed``.
     sample_groups_equally
-        With ``num_samples``: every store contributes ``max(num_samples // n_stores,
+        With ``num_samples``: every group contributes ``max(num_samples // n_groups,
         batch_size)`` cells instead of a proportional share.
     """
 
@@ -71,7 +130,7 @@ class BlockSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        within_group: bool = True,
+        groups: list[int | np.ndarray] | None = None,
         num_samples: int | None = None,
         num_groups: int | None = None,
         sample_groups_equally: bool = False,
@@ -82,33 +141,36 @@ class BlockSampler:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.batch_size, self.block_size = batch_size, block_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.within_group = within_group
         self.epoch, self.position = 0, 0  # position: global batches already yielded
         sizes = np.asarray(sizes, dtype=np.int64)
-        used = np.ones(len(sizes), bool)
-        if num_groups is not None and num_groups < len(sizes):
-            keep = np.random.default_rng(seed).choice(len(sizes), num_groups, replace=False)
-            used[:] = False
-            used[keep] = True
+        parts = _parts(sizes, list(range(len(sizes))) if groups is None else groups)
+        grouped = {p.store for g in parts for p in g}
+        if num_groups is not None and num_groups < len(parts):
+            keep = np.random.default_rng(seed).choice(len(parts), num_groups, replace=False)
+            parts = [parts[i] for i in sorted(keep)]
+        group_sizes = np.array([sum(p.size for p in g) for g in parts], np.int64)
         if num_samples is not None:
-            n_used = max(int(used.sum()), 1)
             if sample_groups_equally:
-                share = np.full(len(sizes), max(num_samples // n_used, batch_size))
+                share = np.full(len(parts), max(num_samples // max(len(parts), 1), batch_size))
             else:
-                total = max(int(sizes[used].sum()), 1)
-                share = np.maximum(num_samples * sizes // total, batch_size)
-            sizes = np.minimum(sizes, share)
-        if within_group:
-            too_small = used & (sizes < batch_size)
-            self.dropped_stores = [int(i) for i in np.flatnonzero(too_small)]
-            used &= ~too_small
-        else:
-            self.dropped_stores = []
-        self.sizes = np.where(used, sizes, 0)
-        if within_group:
-            self._n_batches = int((self.sizes // batch_size).sum())
-        else:
-            self._n_batches = int(self.sizes.sum() // batch_size)
+                total = max(int(group_sizes.sum()), 1)
+                share = np.maximum(num_samples * group_sizes // total, batch_size)
+            for i, g in enumerate(parts):
+                if share[i] < group_sizes[i]:
+                    ks = _share(np.array([p.size for p in g]), int(share[i]))
+                    parts[i] = [p.head(int(k)) for p, k in zip(g, ks, strict=True) if k]
+            group_sizes = np.minimum(group_sizes, share)
+        self.groups = [g for g, n in zip(parts, group_sizes, strict=True) if n >= batch_size]
+        self.sizes = np.zeros(len(sizes), np.int64)  # cells of each store in use
+        for g in self.groups:
+            for p in g:
+                self.sizes[p.store] += p.size
+        # stores none of whose cells is sampled (but not those num_groups left out)
+        chosen = {p.store for g in parts for p in g}
+        self.dropped_stores = [
+            s for s in range(len(sizes)) if not self.sizes[s] and (s in chosen or s not in grouped)
+        ]
+        self._n_batches = int(sum(sum(p.size for p in g) // batch_size for g in self.groups))
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
@@ -120,42 +182,38 @@ class BlockSampler:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
-    def _blocks(self, rng: np.random.Generator, store: int) -> np.ndarray:
-        """Shuffled block start offsets of one store."""
-        starts = np.arange(0, self.sizes[store], self.block_size)
-        return starts[rng.permutation(len(starts))]
+    def _blocks(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks ``(starts, lengths)`` of a part of ``size`` cells on this epoch's grid:
+        blocks start at a random offset (and one shorter block before it)."""
+        starts = np.union1d(0, np.arange(int(rng.integers(self.block_size)), size, self.block_size))
+        return starts, np.diff(starts, append=size)
 
     def global_batches(self, epoch: int) -> list[list[Read]]:
-        """The epoch's global batches, each a list of contiguous reads in cell order."""
+        """The epoch's global batches, each a list of contiguous reads."""
         rng = np.random.default_rng([self.seed, epoch])
-        streams = [(int(s), self._blocks(rng, int(s))) for s in np.flatnonzero(self.sizes)]
-        if self.within_group:
-            batches = [
-                b for s, starts in streams for b in self._cut(np.full(len(starts), s), starts)
-            ]
-        elif streams:
-            stores = np.concatenate([np.full(len(starts), s) for s, starts in streams])
-            starts = np.concatenate([starts for _, starts in streams])
+        batches = []
+        for group in self.groups:
+            blocks = [self._blocks(rng, p.size) for p in group]
+            part = np.concatenate([np.full(len(s), i) for i, (s, _) in enumerate(blocks)])
+            starts = np.concatenate([s for s, _ in blocks])
+            lengths = np.concatenate([n for _, n in blocks])
             order = rng.permutation(len(starts))
-            batches = self._cut(stores[order], starts[order])
-        else:
-            batches = []
+            batches += self._cut(group, part[order], starts[order], lengths[order])
         order = rng.permutation(len(batches))
         return [batches[i] for i in order]
 
-    def _cut(self, stores: np.ndarray, starts: np.ndarray) -> list[list[Read]]:
+    def _cut(
+        self, group: list[_Part], part: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> list[list[Read]]:
         """Cut a stream of blocks into global batches of ``batch_size`` cells (rest dropped)."""
-        stops = np.minimum(starts + self.block_size, self.sizes[stores])
-        lengths = stops - starts
-        ends = np.cumsum(lengths)
-        n_batches = int(ends[-1] // self.batch_size) if len(ends) else 0
+        n_batches = int(lengths.sum() // self.batch_size)
         batches, b0, offset = [], 0, 0  # offset: cells of block b0 already used
         for _ in range(n_batches):
             need, reads = self.batch_size, []
             while need:
                 take = min(int(lengths[b0]) - offset, need)
                 start = int(starts[b0]) + offset
-                reads.append(Read(int(stores[b0]), start, start + take))
+                reads += group[part[b0]].reads(start, start + take)
                 need -= take
                 offset += take
                 if offset == lengths[b0]:

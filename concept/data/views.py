@@ -18,9 +18,8 @@ Split in two so that no device-to-host sync is ever needed:
 Random draws come from ``numpy.random.default_rng((seed, epoch, batch index))``: every
 rank draws the same gene sets for the same global batch.
 
-One deliberate difference from the reference: a predesigned panel that shares no gene
-with the store would give an empty view 1 there; here view 1 falls back to a random
-gene set (and the plan reports it as ``"random"``).
+Panel sizes follow the reference except where it would fail or leave a view empty
+(:func:`draw_gene_sets` lists those cases; so does the README).
 """
 
 from __future__ import annotations
@@ -132,11 +131,11 @@ class Views:
 
 
 def loguniform_int(rng: np.random.Generator, a: int, b: int) -> int:
-    """``int(2**U(log2 a, log2 b))`` clamped to ``[a, b]`` (the reference's panel sizes)."""
+    """The reference's panel size: ``int(2**U(log2 a, log2 b))`` clamped to ``[a, b]``;
+    ``a`` when ``a >= b`` (as the reference's ``log_int_samping``)."""
     if b <= a:
-        return max(b, 0)
-    lo = max(a, 1)
-    return int(np.clip(int(2 ** rng.uniform(math.log2(lo), math.log2(b))), a, b))
+        return a
+    return int(np.clip(int(2 ** rng.uniform(math.log2(a), math.log2(b))), a, b))
 
 
 def _size(x: float, n: int) -> int:
@@ -150,14 +149,20 @@ def draw_gene_sets(
     """The batch's two gene sets (tokens, unordered) and view 1's panel name.
 
     ``var_tokens`` is the store's gene universe (ascending); panels are ascending too.
+    The sizes follow the reference (REFERENCE.md 3.5) except where it would fail or give
+    an empty view (the README's list of differences):
+
+    * ``panel_size_min`` below one gene counts as one (the reference takes ``log2(0)``);
+    * disjoint views with ``panel_size_min`` at least the store's gene count (P6400 on a
+      500-gene file): view 1 takes a random half of the genes, view 2 the rest (the
+      reference leaves view 1 empty);
+    * a predesigned panel that shares no gene with the store, or that holds all of its
+      genes while the views are disjoint, gives a random view 1 (the reference leaves view
+      1, or view 2, empty).
     """
     n = len(var_tokens)
     overlap = rng.random() <= float(spec.panel_overlap)
-    pmin, pmax = _size(spec.panel_size_min, n), _size(spec.panel_size_max, n)
-    if not overlap and 2 * pmin > n:
-        # two disjoint views of pmin genes do not fit (e.g. P6400 on a targeted assay): the
-        # reference would leave view 1 empty; split the genes evenly instead
-        pmin = pmax = n // 2
+    pmin, pmax = max(_size(spec.panel_size_min, n), 1), _size(spec.panel_size_max, n)
     random_case = (
         spec.panel_selection == "random"
         or (spec.panel_selection == "mixed" and rng.random() <= spec.panel_selection_mixed_prob)
@@ -174,9 +179,13 @@ def draw_gene_sets(
         at = np.searchsorted(var_tokens, panel).clip(max=max(n - 1, 0))
         g1 = panel[var_tokens[at] == panel] if n else g1  # panel genes this store has
         name = panel_names[k]
-    if len(g1) == 0:  # random case, or a panel that misses this store's genes
+        if len(g1) == n and not overlap:  # no gene would be left for view 2
+            g1 = var_tokens[:0]
+    if len(g1) == 0:  # random case, or a panel this store cannot use
         avail = n if overlap else max(n - pmin, 0)
         k1 = loguniform_int(rng, min(pmin, avail), min(pmax, avail))
+        if k1 == 0:  # disjoint views and pmin >= n: split the genes instead
+            k1 = n // 2
         perm = rng.permutation(n)
         g1, name = var_tokens[perm[:k1]], "random"
         pool = var_tokens[perm[k1:]]  # already in random order: the complement of view 1
@@ -301,7 +310,11 @@ def plan_views(
         for length, g in zip(lengths, (g1, g2), strict=True):
             keep &= length > spec.qc_threshold * len(g)
     if spec.train and spec.max_total_seq_length is not None:
-        keep &= np.cumsum(lengths[0] + lengths[1]) <= spec.max_total_seq_length
+        # the reference's adapt_batch_size: cells dropped by qc count 0; over budget, the
+        # cells from the first whose running total reaches the budget on are dropped
+        total = np.cumsum((lengths[0] + lengths[1]) * keep)
+        if total.max(initial=0) > spec.max_total_seq_length:
+            keep &= total < spec.max_total_seq_length
     # lay out 2B sequences [CLS, entries..., zero genes...]; dropped cells keep only CLS
     seq = np.concatenate([np.where(keep, n, 0) for n in lengths]) + 1
     cu_out = np.zeros(2 * b + 1, np.int64)
@@ -362,13 +375,20 @@ def build_views(batch: PackedBatch, normalization: str = "raw") -> Views:
     """Gather a device batch's planned views (``batch.views``) into packed tensors."""
     plan: ViewPlan = batch.views
     values = normalize_values(batch, normalization)
-    src_tokens = torch.cat([batch.tokens.long(), plan.extra_tokens.long()])
-    src_values = torch.cat([values, values.new_zeros(len(plan.extra_tokens))])
-    idx = plan.src.clamp(min=0)
-    is_cls = plan.src < 0
-    tokens = torch.where(is_cls, CLS_TOKEN, src_tokens[idx])
-    vals = torch.where(is_cls, 0.0, src_values[idx])
-    return Views(tokens, vals, plan.cu_seqlens, plan.max_seqlen, plan.items_mask, len(batch))
+    # the gather's source starts with CLS, so plan.src = -1 reads it; it is never empty,
+    # even when no cell of the batch expresses a gene (CLS-only sequences, as the reference)
+    tokens = batch.tokens.long()
+    src_tokens = torch.cat([tokens.new_full((1,), CLS_TOKEN), tokens, plan.extra_tokens.long()])
+    src_values = torch.cat([values.new_zeros(1), values, values.new_zeros(len(plan.extra_tokens))])
+    idx = plan.src + 1
+    return Views(
+        src_tokens[idx],
+        src_values[idx],
+        plan.cu_seqlens,
+        plan.max_seqlen,
+        plan.items_mask,
+        len(batch),
+    )
 
 
 def make_planner(spec: ViewSpec, vocab_size: int, panels: Panels | None = None):
