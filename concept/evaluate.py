@@ -62,7 +62,8 @@ from concept import losses
 from concept.cli import entry_point
 from concept.config import ConfigError, validate_schema
 from concept.data.views import ViewSpec, plan_views
-from concept.embed import Embedder, EmbedOptions
+from concept.embed import EmbedOptions
+from concept.inference import Embedder
 from concept.splits import configured_files
 from concept.tokenize import TokenizedBlock, normalize
 
@@ -279,7 +280,7 @@ def load_cells(embedder: Embedder, spec: FileSpec, cfg: EvaluateConfig) -> Cells
         labels[codes >= 0] = np.asarray(cats, dtype=object)[codes[codes >= 0]]
     labels = labels if rows is None else labels[rows]
     with tqdm(total=len(labels), unit="cell", desc=spec.name, disable=not cfg.progress) as bar:
-        model = embedder.embed_block(blk, file.species, bar)
+        model = embedder.embed_block(blk, file.species, file.var_tokens, bar)
     n_tokens = embedder.mappings[file.species].size
     return Cells(
         spec, file.species, blk, labels, file.var_tokens, n, model, log_cp10k(blk, n_tokens)
@@ -419,7 +420,7 @@ def _species_metrics(
 
 def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
     """Compute the metrics, write ``evaluation.{json,md,png}`` and return the report."""
-    embedder = embedder or Embedder.from_options(cfg)
+    embedder = embedder or cfg.embedder()
     folds = plan_folds(cfg, embedder)
     loaded: dict[FileSpec, Cells] = {}
     for ref, query in folds:
