@@ -171,10 +171,15 @@ def resolve(source: str | Path, checkpoint_root: str | None = None) -> ModelFile
 # --- config and weights ------------------------------------------------------------------
 
 
-def read_config(path: Path) -> Config:
+def read_config(path: Path, published: bool = False) -> Config:
     """A model's ``config.yaml`` (the reference's or ours), with the reference's fallbacks
-    for architecture keys it lacks."""
+    for architecture keys it lacks. A published config's split file lists name the
+    reference's training files, which mean nothing here: they are emptied."""
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if published:
+        for key, split in raw.get("datamodule", {}).items():
+            if key.startswith("split_") and isinstance(split, dict):
+                split.update({s: [] for s in ("train", "val") if s in split})
     model = raw.setdefault("model", {})
     for key, value in REFERENCE_MODEL_DEFAULTS.items():
         model.setdefault(key, value)
@@ -328,7 +333,7 @@ def load(
         A config the schema rejects.
     """
     files = resolve(source, checkpoint_root)
-    config = read_config(files.config) if files.config else None
+    config = read_config(files.config, files.published) if files.config else None
     state, hparams = read_checkpoint(files)
     if config is not None:
         model_cfg = config.model
