@@ -10,7 +10,8 @@ import scipy.sparse as sp
 from test_embed import h5ads, trained_run
 
 from concept.config import ConfigError, validate_schema
-from concept.embed import Embedder
+from concept.inference import Embedder
+from concept.pretrained import load
 from concept.evaluate import (
     EvaluateConfig,
     PcaBaseline,
@@ -90,7 +91,8 @@ def test_config_is_strict():
 
 @pytest.fixture(scope="session")
 def embedder(tmp_path_factory, compiled) -> Embedder:
-    return Embedder(trained_run(tmp_path_factory.getbasetemp(), compiled), device="cpu")
+    run = trained_run(tmp_path_factory.getbasetemp(), compiled)
+    return Embedder(load(run), device="cpu", precision="32")
 
 
 def test_evaluate_end_to_end(embedder, tmp_path, capsys):
