@@ -205,9 +205,7 @@ class Concept:
         module = self.model.module
         base = self.model.config or Config(
             PATH=PathConfig(PROJECT_PATH="."),
-            datamodule=DataModuleConfig(
-                species=self.species, normalization=module.normalization
-            ),
+            datamodule=DataModuleConfig(species=self.species, normalization=module.normalization),
         )
         return replace(base, model=module.cfg)
 

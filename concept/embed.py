@@ -73,7 +73,9 @@ class EmbedOptions:
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: must be >= 1")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+            raise ConfigError(
+                f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}"
+            )
         strategy = self.gene_sampling_strategy
         if strategy is not None and strategy not in GENE_SAMPLING:
             raise ConfigError(

@@ -316,7 +316,9 @@ class Embedder:
         tokens = batch.tokens.numpy()
         cu = batch.cu_seqlens.numpy().astype(np.int64)
         var = batch.var_tokens.numpy()
-        spec = ViewSpec(max_tokens=self.max_tokens, gene_sampling_strategy=self.gene_sampling_strategy)
+        spec = ViewSpec(
+            max_tokens=self.max_tokens, gene_sampling_strategy=self.gene_sampling_strategy
+        )
         rng = np.random.default_rng([self.seed, batch.index])
         sel = _select(tokens, np.ones(len(tokens), bool), cu, var, spec, rng)
         n = sel.counts + sel.zero_counts

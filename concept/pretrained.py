@@ -152,7 +152,9 @@ def resolve(source: str | Path, checkpoint_root: str | None = None) -> ModelFile
         path = download(text)
     if path.is_dir():
         if _hf_folder(path) and (path / "model.ckpt").is_file():
-            return ModelFiles(path / "model.ckpt", path / "config.yaml", path / "gene_mappings", path)
+            return ModelFiles(
+                path / "model.ckpt", path / "config.yaml", path / "gene_mappings", path
+            )
         last = path / "latest" / "last.ckpt"
         found = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         if not last.exists() and not found:
@@ -162,9 +164,13 @@ def resolve(source: str | Path, checkpoint_root: str | None = None) -> ModelFile
             last if last.exists() else found[-1], config if config.is_file() else None, None, path
         )
     if _hf_folder(path.parent):
-        return ModelFiles(path, path.parent / "config.yaml", path.parent / "gene_mappings", path.parent)
+        return ModelFiles(
+            path, path.parent / "config.yaml", path.parent / "gene_mappings", path.parent
+        )
     # this project: run/latest/last.ckpt, run/steps/step=N.ckpt or run/x.ckpt
-    run = next((d for d in (path.parent, path.parent.parent) if (d / "config.yaml").is_file()), None)
+    run = next(
+        (d for d in (path.parent, path.parent.parent) if (d / "config.yaml").is_file()), None
+    )
     return ModelFiles(path, run / "config.yaml" if run else None, None, run or path.parent)
 
 
@@ -278,16 +284,31 @@ class Pretrained:
     @property
     def max_tokens(self) -> int:
         """The training ``max_tokens`` (inference default)."""
-        return self.config.datamodule.dataset.train.max_tokens if self.config else DEFAULT_MAX_TOKENS
+        return (
+            self.config.datamodule.dataset.train.max_tokens if self.config else DEFAULT_MAX_TOKENS
+        )
 
     @property
     def gene_sampling_strategy(self) -> str:
         return self.config.datamodule.gene_sampling_strategy if self.config else "top-nonzero"
 
     @property
+    def vocab_sizes(self) -> dict[str, int]:
+        return {s: m.size for s, m in self.mappings.items()}
+
+    def pretrained_tables(self) -> dict[str, np.ndarray] | None:
+        """Zero tables of the pretrained vectors' shapes (the values are in the weights)."""
+        tables = self.module.net.genes.pretrained
+        if tables is None:
+            return None
+        return {s: np.zeros(tuple(e.weight.shape), np.float32) for s, e in tables.items()}
+
+    @property
     def stored_normalization(self) -> str:
         """Values as this project's stores held them in training (``compile.normalization``)."""
-        return "raw" if self.files.published or not self.config else self.config.compile.normalization
+        return (
+            "raw" if self.files.published or not self.config else self.config.compile.normalization
+        )
 
 
 def read_checkpoint(files: ModelFiles) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -340,13 +361,17 @@ def load(
     elif hparams is not None:
         model_cfg = ContrastiveModule(**hparams).cfg
     else:
-        raise InputError(f"{files.checkpoint}: no config.yaml beside it and no saved hyper-parameters")
+        raise InputError(
+            f"{files.checkpoint}: no config.yaml beside it and no saved hyper-parameters"
+        )
     if not any(k.startswith("net.") for k in state):
         state = from_reference_names(state, model_cfg.pe_max_len)
     vocab = {s: shape[0] for s, shape in _tables(state, "learnable").items()}
     if not vocab:
         raise InputError(f"{files.checkpoint}: no gene embedding table in the weights")
-    pretrained = {s: np.zeros(shape, np.float32) for s, shape in _tables(state, "pretrained").items()}
+    pretrained = {
+        s: np.zeros(shape, np.float32) for s, shape in _tables(state, "pretrained").items()
+    }
     if pretrained:
         model_cfg.dim_pretrained_vocab = next(iter(pretrained.values())).shape[1]
     if config is not None:
@@ -379,3 +404,87 @@ def load(
             )
         mappings[species] = mapping
     return Pretrained(module, config, mappings, files)
+
+
+# --- continuing pre-training from a model ------------------------------------------------
+
+# model.* keys that define the network: taken from the model, never from the project
+ARCHITECTURE = (
+    "dim_gene_embs",
+    "dim_pretrained_vocab",
+    "dim_model",
+    "num_head",
+    "dim_hid",
+    "projection_dim",
+    "nlayers",
+    "decoder_head",
+    "norm_scheme",
+    "activation",
+    "pe_max_len",
+    "input_encoding",
+    "cls_value",
+    "mask_value",
+)
+
+
+def check_same_vocabulary(project: dict[str, TokenMapping], model: Pretrained) -> None:
+    """The project's token mappings must be the model's (its stores hold those tokens).
+
+    Raises
+    ------
+    InputError
+        A species the model lacks, or a gene whose token differs (the first one named).
+    """
+    for species, mine in project.items():
+        theirs = model.mappings.get(species)
+        if theirs is None:
+            raise InputError(
+                f"{mine.path}: the model {model.files.folder} has no {species} vocabulary "
+                f"(it has {sorted(model.mappings)})"
+            )
+        if mine.gene_ids != theirs.gene_ids:
+            diff = next(
+                (
+                    t
+                    for t, (a, b) in enumerate(zip(mine.gene_ids, theirs.gene_ids, strict=False))
+                    if a != b
+                ),
+                min(mine.size, theirs.size),
+            )
+            a = mine.gene_ids[diff] if diff < mine.size else "(none)"
+            b = theirs.gene_ids[diff] if diff < theirs.size else "(none)"
+            raise InputError(
+                f"{mine.path} differs from the model's {theirs.path} ({mine.size} vs "
+                f"{theirs.size} tokens; token {diff}: {a} vs {b}): set "
+                f"PATH.GENE_MAPPINGS_PATH={theirs.path.parent} and compile again"
+            )
+
+
+def start_from(cfg: Config) -> tuple[Config, Pretrained] | None:
+    """The model a new run starts from (``initialize.create_new_run=true`` with
+    ``initialize.checkpoint``), and the run's config with the model's architecture.
+
+    ``initialize.checkpoint`` is anything :func:`load` takes (with ``initialize.resume``:
+    a path inside the run ``initialize.run_id``). Training keys stay the project's.
+    """
+    ini = cfg.initialize
+    if not (ini.create_new_run and ini.checkpoint):
+        return None
+    source = ini.checkpoint
+    if ini.resume:
+        source = Path(cfg.PATH.CHECKPOINT_ROOT) / str(ini.run_id) / str(ini.checkpoint)
+        if not source.exists():
+            raise ConfigError(f"initialize.checkpoint: {source} does not exist")
+    model = load(source)
+    arch = {k: getattr(model.module.cfg, k) for k in ARCHITECTURE}
+    changed = {k: (getattr(cfg.model, k), v) for k, v in arch.items() if getattr(cfg.model, k) != v}
+    if changed:
+        log.info("architecture from %s (project's values replaced): %s", source, changed)
+    for key, value in arch.items():
+        setattr(cfg.model, key, value)
+    return cfg, model
+
+
+def load_weights(module: ContrastiveModule, model: Pretrained) -> None:
+    """Copy ``model``'s weights into a freshly built ``module`` (strict)."""
+    load_strict(module, model.module.state_dict(), model.files.checkpoint)

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import OmegaConf
 
+from concept import pretrained as pretrained_model
 from concept.callbacks import CSVLog, Throughput
 from concept.cli import entry_point
 from concept.config import Config, ConfigError, validate
@@ -191,6 +192,9 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
     """Build everything and fit; returns the final validation metrics (floats)."""
     if cfg.initialize.resume:
         cfg = resume_config(cfg, overrides or [])
+    start = pretrained_model.start_from(cfg)  # a model's weights, into a new run
+    if start is not None:
+        cfg, start = start
     train_max = cfg.datamodule.dataset.train.max_tokens
     if cfg.model.pe_max_len < train_max + 1:
         raise ConfigError(
@@ -198,12 +202,14 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
         )
     L.seed_everything(SEED, workers=True, verbose=False)
     mappings = read_mappings(cfg)
+    if start is not None:
+        pretrained_model.check_same_vocabulary(mappings, start)
     stores = resolve_stores(cfg, mappings)
-    pretrained = load_pretrained(cfg, mappings)
+    pretrained = load_pretrained(cfg, mappings) if start is None else start.pretrained_tables()
     data = TokenDataModule(cfg, stores, mappings, seed=SEED)
     module = ContrastiveModule(
         ContrastiveModule.hparams_for(cfg.model, pretrained),
-        {s: m.size for s, m in mappings.items()},
+        start.vocab_sizes if start else {s: m.size for s, m in mappings.items()},
         cfg.datamodule.normalization,
         data.val_names,
         cfg.datamodule.obs_keys,
@@ -212,15 +218,13 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
     run_id, run_dir = _run_dir(cfg)
     ckpt = None
     ini = cfg.initialize
-    if ini.resume:
+    if start is not None:
+        pretrained_model.load_weights(module, start)
+    elif ini.resume:
         source = Path(cfg.PATH.CHECKPOINT_ROOT) / str(ini.run_id) / str(ini.checkpoint)
         if not source.exists():
             raise ConfigError(f"initialize.checkpoint: {source} does not exist")
-        if ini.create_new_run:  # weights only, into a new run
-            state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
-            module.load_state_dict(state, strict=False)
-        else:
-            ckpt = str(source)
+        ckpt = str(source)
     trainer = build_trainer(cfg, run_dir, run_id)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -152,9 +152,7 @@ def test_cli_reproduces_every_fixture(tmp_path):
 def test_cli_command_line(tmp_path):
     """The real command line on the pretrained model without the learnable residual."""
     (call,) = [
-        c
-        for c in CALLS
-        if c["output"].endswith("tiny-pretrained/pbmc__no_learnable__fp32.npy")
+        c for c in CALLS if c["output"].endswith("tiny-pretrained/pbmc__no_learnable__fp32.npy")
     ]
     args, out = cli_args(call, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -177,7 +175,11 @@ def test_output_equal_to_input_is_refused_before_any_work(tmp_path):
     source = tmp_path / "in.h5ad"
     shutil.copyfile(REF / "inputs" / "pbmc.h5ad", source)
     cfg = validate_schema(
-        {"checkpoint": str(tmp_path / "no-such-model"), "input": str(source), "output": str(source)},
+        {
+            "checkpoint": str(tmp_path / "no-such-model"),
+            "input": str(source),
+            "output": str(source),
+        },
         EmbedConfig,
     )
     # the checkpoint does not exist: the output check comes first, before any loading
@@ -248,7 +250,9 @@ def test_every_mismatched_weight_is_an_error_that_names_it(tmp_path):
     mapping = folder / "gene_mappings" / "hsapiens.csv"
     lines = mapping.read_text().splitlines(keepends=True)
     mapping.write_text("".join(x for x in lines if not x.rstrip().endswith(",801")))
-    with pytest.raises(InputError, match="801 tokens, the checkpoint's hsapiens vocabulary has 802"):
+    with pytest.raises(
+        InputError, match="801 tokens, the checkpoint's hsapiens vocabulary has 802"
+    ):
         Concept.from_pretrained(folder)
 
 
@@ -415,7 +419,9 @@ def test_save_writes_a_folder_from_pretrained_reads_back(tmp_path, pbmc):
     saved = model("tiny-fabric").save(tmp_path / "saved")
     assert {p.name for p in saved.iterdir()} >= {"model.ckpt", "config.yaml", "gene_mappings"}
     ck = torch.load(saved / "model.ckpt", weights_only=True)
-    assert "gene_token_encoder.learnable_embs.hsapiens.weight" in ck["state_dict"]  # reference names
+    assert (
+        "gene_token_encoder.learnable_embs.hsapiens.weight" in ck["state_dict"]
+    )  # reference names
     again = Concept.from_pretrained(saved)
     z = again.embed(pbmc[:64], precision="32")
     close_enough(z, np.load(REF / "expected" / "tiny-fabric" / "pbmc__fp32.npy")[:64], "fp32")
@@ -426,3 +432,114 @@ def test_bad_options_are_config_errors(pbmc):
         model("tiny-base").embed(pbmc, precision="16")
     with pytest.raises(ConfigError, match="gene_sampling_strategy='best'"):
         model("tiny-base").embed(pbmc, gene_sampling_strategy="best")
+
+
+# --- continuing pre-training from a published model ----------------------------------------
+
+
+def pbmc_project(tmp_path: Path, mapping: Path) -> tuple[Path, Path]:
+    """A project whose files are the fixture's PBMC cells (train: a copy; val: the input
+    itself) with ``mapping`` as its token mapping; and a config folder with its split."""
+    project = tmp_path / "project"
+    h5ads = project / "data" / "pbmc" / "h5ads"
+    h5ads.mkdir(parents=True)
+    shutil.copyfile(REF / "inputs" / "pbmc.h5ad", h5ads / "pbmc_train.h5ad")
+    shutil.copyfile(REF / "inputs" / "pbmc.h5ad", h5ads / "pbmc.h5ad")
+    vocab = project / "references" / "vocabulary" / "token_mappings_per_specie"
+    vocab.mkdir(parents=True)
+    shutil.copyfile(mapping, vocab / "hsapiens.csv")
+    conf = tmp_path / "conf" / "datamodule" / "split_cellxgene_hsapiens"
+    conf.mkdir(parents=True)
+    (conf / "split_pbmc.yaml").write_text(
+        "source_name: pbmc\nspecies: hsapiens\n"
+        "source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\n"
+        "train: [pbmc_train.h5ad]\nval: [pbmc.h5ad]\n"
+    )
+    return project, tmp_path / "conf"
+
+
+def continue_config(project: Path, conf: Path, source: Path, *extra: str):
+    from concept.config import load_config
+
+    return load_config(
+        [
+            f"PATH.PROJECT_PATH={project}",
+            "datamodule/split_cellxgene_hsapiens=split_pbmc",
+            "compile.register=false",
+            "compile.workers=1",
+            f"initialize.checkpoint={source}",
+            "initialize.create_new_run=true",
+            "wandb.run_name=continued",
+            "model.training.accelerator=cpu",
+            "model.training.max_steps=20",
+            "model.training.warmup=2",
+            "model.training.lr=1e-3",
+            "model.training.log_every_n_steps=1",
+            "model.training.val_check_interval=1000",
+            "model.training.validate_before_training=false",
+            "datamodule.dataset.train.max_tokens=256",
+            "datamodule.dataloader.train.batch_size=16",
+            "datamodule.loader.block_size=8",
+            "datamodule.dataset.val={}",
+            "datamodule.dataloader.val={}",
+            *extra,
+        ],
+        config_dir=conf,
+    )
+
+
+def test_continue_pretraining_from_a_published_model(tmp_path, monkeypatch):
+    """Strict load into the trainer's module: before any step it embeds the validation
+    file as the reference does; 20 CPU steps with finite losses; the run loads back."""
+    import copy
+    import csv
+    from dataclasses import replace
+
+    from concept import pretrained
+    from concept.inference import Embedder
+    from concept.train import train
+    from preprocess.compile import run as compile_run
+
+    source = REF / "models" / "tiny-base"
+    project, conf = pbmc_project(tmp_path, source / "gene_mappings" / "hsapiens.csv")
+    val_file = project / "data" / "pbmc" / "h5ads" / "pbmc.h5ad"
+    # the project's own defaults (pre-norm gelu 8 layers, d=512) are replaced by the model's
+    cfg = continue_config(project, conf, source)
+    assert compile_run(cfg) == 0
+    seen = {}
+
+    def spy(module, model):  # the trainer's module, right after loading, before any step
+        load_weights(module, model)
+        frozen = replace(model, module=copy.deepcopy(module))
+        seen["z"] = Embedder(frozen, device="cpu", precision="32").embed_file(
+            val_file, progress=False
+        )[0]
+
+    load_weights = pretrained.load_weights
+    monkeypatch.setattr(pretrained, "load_weights", spy)
+    train(cfg)
+    expected = np.load(REF / "expected" / "tiny-base" / "pbmc__fp32.npy")
+    close_enough(seen["z"], expected, "fp32")
+    run_dir = project / "model_checkpoints" / "continued"
+    with open(run_dir / "metrics.csv") as fh:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert len(losses) == 20 and np.isfinite(losses).all()
+    again = Concept.from_pretrained(run_dir)
+    assert again.model.module.cfg.nlayers == 2 and again.model.module.cfg.dim_model == 32
+    z = again.embed(val_file, precision="32")
+    assert z.shape == expected.shape and np.abs(z - expected).max() > 1e-3  # it trained
+
+
+def test_a_project_vocabulary_other_than_the_model_s_is_an_error(tmp_path):
+    from concept.train import train
+
+    source = REF / "models" / "tiny-base"
+    lines = (source / "gene_mappings" / "hsapiens.csv").read_text().splitlines()
+    ids = [line.split(",", 1) for line in lines]
+    ids[3][0], ids[4][0] = ids[4][0], ids[3][0]  # two genes swap tokens
+    (tmp_path / "mine.csv").write_text("\n".join(",".join(x) for x in ids) + "\n")
+    project, conf = pbmc_project(tmp_path, tmp_path / "mine.csv")
+    with pytest.raises(
+        InputError, match=r"differs from the model's .*set PATH.GENE_MAPPINGS_PATH="
+    ):
+        train(continue_config(project, conf, source))

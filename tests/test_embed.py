@@ -106,7 +106,11 @@ def reference(embedder, compiled) -> tuple[ad.AnnData, np.ndarray]:
 def test_checkpoint_resolution(run_dir, tmp_path):
     files = resolve(run_dir)
     ckpt = run_dir / "latest" / "last.ckpt"
-    assert (files.checkpoint, files.config, files.folder) == (ckpt, run_dir / "config.yaml", run_dir)
+    assert (files.checkpoint, files.config, files.folder) == (
+        ckpt,
+        run_dir / "config.yaml",
+        run_dir,
+    )
     assert not files.published
     assert resolve(ckpt) == files
     assert resolve("latest", str(run_dir.parent)) == files

@@ -10,8 +10,6 @@ import scipy.sparse as sp
 from test_embed import h5ads, trained_run
 
 from concept.config import ConfigError, validate_schema
-from concept.inference import Embedder
-from concept.pretrained import load
 from concept.evaluate import (
     EvaluateConfig,
     PcaBaseline,
@@ -22,6 +20,8 @@ from concept.evaluate import (
     table,
     view_recall,
 )
+from concept.inference import Embedder
+from concept.pretrained import load
 
 
 def clusters(rng, n_per: int, n_types: int, dim: int, spread: float):
