@@ -11,6 +11,7 @@ compiler and the trainer of this project.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from concept.config import Config, DataModuleConfig, PathConfig
-from concept.inference import Embedder
+from concept.inference import AnnDataSource, Embedder, infer_species
 from concept.pretrained import Pretrained, load, to_reference_names
 from concept.vocab import InputError
 
@@ -45,6 +46,13 @@ def estimate_mutual_information(
     logits = e1 @ e2.T * logit_scale
     ce = torch.nn.functional.cross_entropy(logits, torch.arange(len(e1)))
     return float(np.log(len(e1)) - ce)
+
+
+def _file_var_ids(path: str | Path) -> np.ndarray:
+    from concept.h5ad import H5adSource
+
+    with H5adSource(path) as src:
+        return src.var_ids()
 
 
 class Concept:
@@ -197,6 +205,127 @@ class Concept:
             adata, species, gene_id_column, gene_symbols, x_source, rows_per_read, progress
         )
         return torch.from_numpy(out) if return_type == "torch" else out
+
+    # --- light adaptation ---------------------------------------------------------------
+
+    def adapt(
+        self,
+        adatas: list[anndata.AnnData | str | Path] | anndata.AnnData | str | Path,
+        species: str | None = None,
+        max_steps: int = 1000,
+        batch_size: int = 32,
+        *,
+        lr: float = 1e-4,
+        warmup: int = 10,
+        folder: str | Path | None = None,
+        overrides: list[str] | None = None,
+    ) -> Concept:
+        """Fine-tune on AnnData objects or ``.h5ad`` files (the reference's ``train``).
+
+        The inputs become a project of their own (in ``folder``, else a temporary folder):
+        in-memory AnnData is written to ``data/adapt/h5ads/``, paths are linked there, the
+        model's token mappings are its vocabulary. The project's compiler builds the
+        stores and the project's trainer continues from this model (``initialize.checkpoint``,
+        strict), without validation, on one device (CPU unless CUDA is visible).
+
+        Parameters
+        ----------
+        adatas
+            AnnData objects and/or ``.h5ad`` paths (raw counts; ids in ``var_names``).
+        species
+            The species of every input (None: inferred per input).
+        max_steps, batch_size, lr, warmup
+            ``model.training.max_steps``, ``datamodule.dataloader.train.batch_size``,
+            ``model.training.lr``, ``model.training.warmup``.
+        folder
+            Where the project (stores, run folder) is written; kept when given.
+        overrides
+            More dotted config overrides (``datamodule.dataset.train.panel_selection=random``).
+
+        Returns
+        -------
+        Concept
+            The adapted model (this one is unchanged).
+        """
+        from concept.config import compose, validate
+        from concept.train import train
+        from preprocess.compile import run as compile_run
+
+        inputs = adatas if isinstance(adatas, list | tuple) else [adatas]
+        if not inputs:
+            raise InputError("adapt: no inputs")
+        keep = folder is not None
+        root = Path(folder) if keep else Path(tempfile.mkdtemp(prefix="concept-adapt-"))
+        try:
+            h5ads = root / "data" / "adapt" / "h5ads"
+            h5ads.mkdir(parents=True, exist_ok=True)
+            by_species: dict[str, list[str]] = {}
+            for i, item in enumerate(inputs):
+                name = f"input_{i}.h5ad"
+                if isinstance(item, str | Path):
+                    (h5ads / name).unlink(missing_ok=True)
+                    (h5ads / name).symlink_to(Path(item).absolute())
+                else:
+                    item.write_h5ad(h5ads / name)
+                sp_ = species or infer_species(
+                    AnnDataSource(item).var_ids()
+                    if not isinstance(item, str | Path)
+                    else _file_var_ids(item),
+                    self.model.mappings,
+                )
+                by_species.setdefault(sp_, []).append(name)
+            vocab = root / "references" / "vocabulary" / "token_mappings_per_specie"
+            vocab.mkdir(parents=True, exist_ok=True)
+            for s, mapping in self.model.mappings.items():
+                shutil.copyfile(mapping.path, vocab / f"{s}.csv")
+            self.save(root / "model")
+            accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+            raw = compose(
+                [
+                    f"PATH.PROJECT_PATH={root}",
+                    "compile.register=false",
+                    "compile.workers=1",
+                    "initialize.checkpoint=" + str(root / "model"),
+                    "initialize.create_new_run=true",
+                    "wandb.run_name=adapted",
+                    f"model.training.accelerator={accelerator}",
+                    "model.training.devices=1",
+                    f"model.training.max_steps={max_steps}",
+                    f"model.training.warmup={warmup}",
+                    f"model.training.lr={lr}",
+                    "model.training.validate_before_training=false",
+                    "model.training.val_check_interval=1000000000",
+                    f"datamodule.dataloader.train.batch_size={batch_size}",
+                    f"model.dropout={self.model.module.cfg.dropout}",  # the model's own
+                    *(overrides or []),
+                ]
+            )
+            model_cfg = self.config()
+            raw.datamodule.dataset.val, raw.datamodule.dataloader.val = {}, {}  # no validation
+            raw.datamodule.species = sorted(by_species)
+            raw.datamodule.normalization = model_cfg.datamodule.normalization
+            raw.datamodule.gene_sampling_strategy = model_cfg.datamodule.gene_sampling_strategy
+            raw.datamodule.dataset.train.max_tokens = self.model.max_tokens
+            raw.datamodule.dataset.train.split = [
+                {
+                    "source_name": "adapt",
+                    "species": s,
+                    "source_path": str(h5ads),
+                    "train": files,
+                    "val": [],
+                }
+                for s, files in sorted(by_species.items())
+            ]
+            cfg = validate(raw)
+            if compile_run(cfg) != 0:
+                raise InputError(f"adapt: compiling the inputs failed (report in {root}/compiled)")
+            train(cfg)
+            adapted = load(root / "model_checkpoints" / "adapted")
+            # the temporary project goes: the vocabularies are this model's own files
+            return Concept(replace(adapted, mappings=self.model.mappings))
+        finally:
+            if not keep:
+                shutil.rmtree(root, ignore_errors=True)
 
     # --- saving -------------------------------------------------------------------------
 

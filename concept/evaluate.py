@@ -53,6 +53,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -64,7 +65,7 @@ from concept.config import ConfigError, validate_schema
 from concept.data.views import ViewSpec, plan_views
 from concept.embed import EmbedOptions
 from concept.inference import Embedder
-from concept.splits import configured_files
+from concept.splits import configured_files, resolve_split_list
 from concept.tokenize import TokenizedBlock, normalize
 
 log = logging.getLogger("concept.evaluate")
@@ -101,6 +102,9 @@ class EvaluateConfig(EmbedOptions):
     plot_cells: int = 3000
     seed: int = 0
     output_dir: str | None = None  # None: the run folder (else the checkpoint's folder)
+    # split files chosen on the command line (datamodule/split_<group>=<name>, --config-dir),
+    # mounted here as in the training config; they replace the run config's splits
+    datamodule: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -309,7 +313,20 @@ def plan_folds(
         return [([f for f in files if f != q], [q]) for q in files]
     rc = embedder.run_config
     split: dict[str, list[FileSpec]] = {"train": [], "val": []}
-    if rc is not None:
+    chosen = [v for k, v in cfg.datamodule.items() if k.startswith("split_")]
+    if chosen:
+        for section in split:
+            for f in resolve_split_list(chosen, section, "datamodule.split_*"):
+                split[section].append(
+                    FileSpec(
+                        str(f.path),
+                        cfg.species or f.species,
+                        cfg.x_source or "auto",
+                        cfg.gene_id_column,
+                        cfg.gene_symbols,
+                    )
+                )
+    elif rc is not None:
         for f in configured_files(rc):
             split[f.section].append(
                 FileSpec(

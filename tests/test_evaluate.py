@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,32 @@ def test_leave_one_dataset_out(embedder, compiled, tmp_path):
     report = evaluate(cfg, embedder)
     assert {f["role"] for f in report["files"]} == {"query+reference"}
     assert report["metrics"]["knn_accuracy_cell_type"]["model"] > 0.3
+
+
+def test_split_overrides_and_config_dir_choose_the_files(embedder, compiled, tmp_path):
+    """``--config-dir`` + ``datamodule/split_<group>=<name>``, as for compile and train: the
+    split's train files are the reference, its val files the query."""
+    from hydra import compose, initialize_config_dir
+
+    from concept.config import CONF_DIR
+    from concept.evaluate import plan_folds
+
+    group = tmp_path / "datamodule" / "split_cellxgene_hsapiens"
+    group.mkdir(parents=True)
+    (group / "split_mine.yaml").write_text(
+        "source_name: synth_cxg\nspecies: hsapiens\n"
+        "source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\n"
+        "train: [hs_csr_a.h5ad, hs_raw_b.h5ad]\nval: [hs_dense_d.h5ad]\n"
+    )
+    overrides = [
+        f"checkpoint={embedder.run_dir}",
+        f"PATH.PROJECT_PATH={compiled}",
+        "datamodule/split_cellxgene_hsapiens=split_mine",
+        f"hydra.searchpath=[file://{tmp_path}]",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = validate_schema(compose(config_name="evaluate", overrides=overrides), EvaluateConfig)
+    ((reference, query),) = plan_folds(cfg, embedder)
+    assert [Path(f.path).name for f in reference] == ["hs_csr_a.h5ad", "hs_raw_b.h5ad"]
+    assert [Path(f.path).name for f in query] == ["hs_dense_d.h5ad"]
+    assert {f.species for f in reference + query} == {"hsapiens"}
