@@ -217,6 +217,7 @@ class Concept:
         *,
         lr: float = 1e-4,
         warmup: int = 10,
+        max_tokens: int | None = None,
         folder: str | Path | None = None,
         overrides: list[str] | None = None,
     ) -> Concept:
@@ -237,6 +238,8 @@ class Concept:
         max_steps, batch_size, lr, warmup
             ``model.training.max_steps``, ``datamodule.dataloader.train.batch_size``,
             ``model.training.lr``, ``model.training.warmup``.
+        max_tokens
+            Genes per view (default: the model's training ``max_tokens``).
         folder
             Where the project (stores, run folder) is written; kept when given.
         overrides
@@ -305,7 +308,7 @@ class Concept:
             raw.datamodule.species = sorted(by_species)
             raw.datamodule.normalization = model_cfg.datamodule.normalization
             raw.datamodule.gene_sampling_strategy = model_cfg.datamodule.gene_sampling_strategy
-            raw.datamodule.dataset.train.max_tokens = self.model.max_tokens
+            raw.datamodule.dataset.train.max_tokens = max_tokens or self.model.max_tokens
             raw.datamodule.dataset.train.split = [
                 {
                     "source_name": "adapt",
