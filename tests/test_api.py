@@ -552,7 +552,7 @@ def view_recall_on(m: Concept, adata: ad.AnnData, size: int = 150, batch: int = 
     """Mean view recall@1 (two disjoint random panels of ``size`` genes per batch of
     ``batch`` cells), as ``concept.evaluate`` measures it."""
     from concept.data.views import ViewSpec, plan_views
-    from concept.evaluate import view_recall
+    from concept.eval_metrics import view_recall
 
     e = m.embedder(device="cpu", precision="32")
     file = e.open(adata)

@@ -10,17 +10,10 @@ import pytest
 import scipy.sparse as sp
 from test_embed import h5ads, trained_run
 
+from concept.baseline import PcaBaseline, highly_variable
 from concept.config import ConfigError, validate_schema
-from concept.evaluate import (
-    EvaluateConfig,
-    PcaBaseline,
-    classification_scores,
-    evaluate,
-    highly_variable,
-    knn_predict,
-    table,
-    view_recall,
-)
+from concept.eval_metrics import classification_scores, knn_predict, view_recall
+from concept.evaluate import EvaluateConfig, evaluate, table
 from concept.inference import Embedder
 from concept.pretrained import load
 
