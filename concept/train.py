@@ -4,7 +4,9 @@ Resolves the splits to compiled stores (a missing or stale store is an error tha
 the compile command), builds the data module, the model and a Lightning Trainer, and
 fits. Run folder: ``PATH.CHECKPOINT_ROOT/<run_id>/`` with ``config.yaml``, ``metrics.csv``,
 ``steps/`` and ``latest/`` (``last.ckpt``). Resume with ``initialize.resume=true
-initialize.run_id=ID initialize.checkpoint=latest/last.ckpt``.
+initialize.run_id=ID initialize.checkpoint=latest/last.ckpt``. Continue pre-training from a
+model (a published one too) in a new run with ``initialize.checkpoint=<folder, name or .ckpt>
+initialize.create_new_run=true`` (:func:`concept.pretrained.start_from`).
 """
 
 from __future__ import annotations
