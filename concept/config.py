@@ -58,6 +58,7 @@ class PathConfig:
     PRETRAINED_VOCABULARY: str | None = None
     COMPILED_ROOT: str = ""
     LAMIN_ROOT: str = ""
+    SPECIES: list[str] | None = None  # the reference's key; read by nothing (accepted)
 
     def __post_init__(self) -> None:
         # absolute paths: worker processes and the registry child run in other folders
@@ -173,6 +174,7 @@ class TrainingConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 100
+    resume_from_checkpoint: Any = None  # the reference's key; read by nothing (accepted)
 
     def __post_init__(self) -> None:
         _check_choice("model.training.optimizer_class", self.optimizer_class, ("AdamW", "Adam"))
@@ -205,6 +207,10 @@ class ModelConfig:
     pe_max_len: int = 5000
     input_encoding: str = "rank_encoding"
     loss_switch_step: int = 10000
+    # set by the reference's compatibility pass on older configs; read by nothing (accepted)
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    mask_padding: bool | None = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:

@@ -53,21 +53,23 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
-from concept import losses
+from concept.baseline import PcaBaseline, highly_variable, log_cp10k
 from concept.cli import entry_point
 from concept.config import ConfigError, validate_schema
 from concept.data.views import ViewSpec, plan_views
-from concept.embed import Embedder, EmbedOptions
-from concept.splits import configured_files
-from concept.tokenize import TokenizedBlock, normalize
+from concept.embed import EmbedOptions
+from concept.eval_metrics import classification_scores, knn_predict, view_recall
+from concept.inference import Embedder
+from concept.plots import draw
+from concept.splits import configured_files, resolve_split_list
+from concept.tokenize import TokenizedBlock
 
 log = logging.getLogger("concept.evaluate")
-MISSING = "(missing)"  # label of cells without one, in the picture
 REPORTED_SETTINGS = (
     "label_key",
     "knn_k",
@@ -100,6 +102,9 @@ class EvaluateConfig(EmbedOptions):
     plot_cells: int = 3000
     seed: int = 0
     output_dir: str | None = None  # None: the run folder (else the checkpoint's folder)
+    # split files chosen on the command line (datamodule/split_<group>=<name>, --config-dir),
+    # mounted here as in the training config; they replace the run config's splits
+    datamodule: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,101 +116,6 @@ class EvaluateConfig(EmbedOptions):
             raise ConfigError("reference=[...] needs query=[...]")
         if self.inputs is not None and len(self.inputs) < 2:
             raise ConfigError("inputs=[...] needs at least two files (leave-one-dataset-out)")
-
-
-# --- metrics ---------------------------------------------------------------------------------
-
-
-def knn_predict(ref: np.ndarray, ref_labels: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
-    """Majority label of each query row's ``k`` nearest reference rows (Euclidean; on
-    L2-normalized embeddings the cosine order)."""
-    from sklearn.neighbors import KNeighborsClassifier
-
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(ref)), algorithm="brute")
-    return clf.fit(ref, ref_labels).predict(query)
-
-
-def classification_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (sklearn: over the labels in truth or prediction)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
-
-
-def view_recall(z1: np.ndarray, z2: np.ndarray) -> float:
-    """Recall@1 of matching the two views of each cell (cosine; both directions)."""
-    a = torch.nn.functional.normalize(torch.as_tensor(z1, dtype=torch.float32), dim=-1)
-    b = torch.nn.functional.normalize(torch.as_tensor(z2, dtype=torch.float32), dim=-1)
-    return float(losses.recall_at_k(a @ b.T, 1))
-
-
-# --- the baseline ---------------------------------------------------------------------------
-
-
-def log_cp10k(blk: TokenizedBlock, n_tokens: int) -> sp.csr_matrix:
-    """log1p(CP10k) of a block's cells, columns = tokens."""
-    counts = np.diff(blk.indptr)
-    values = normalize(blk.values, np.repeat(blk.total_counts, counts), "totalcount_log1p")
-    x = sp.csr_matrix(
-        (values.astype(np.float32), blk.tokens, blk.indptr), shape=(len(counts), n_tokens)
-    )
-    x.sort_indices()
-    return x
-
-
-def highly_variable(x: sp.csr_matrix, n_top: int, n_bins: int = 20) -> np.ndarray:
-    """Columns of the ``n_top`` highest normalized dispersions (ascending column order).
-
-    Seurat flavour on log1p(CP10k) input: dispersion = variance / mean of CP10k, logged,
-    then z-scored within ``n_bins`` equal-width bins of log1p(mean); a bin of one gene
-    (no spread) gives z = 0.
-    """
-    e = x.copy()
-    e.data = np.expm1(e.data)
-    n = e.shape[0]
-    mean = np.asarray(e.mean(0)).ravel()
-    var = (np.asarray(e.multiply(e).mean(0)).ravel() - mean**2) * n / max(n - 1, 1)
-    cols = np.flatnonzero((mean > 0) & (var > 0))
-    disp = np.log(var[cols] / mean[cols])
-    level = np.log1p(mean[cols])
-    edges = np.linspace(level.min(), level.max(), n_bins + 1)
-    b = np.clip(np.digitize(level, edges[1:-1]), 0, n_bins - 1)
-    size = np.bincount(b, minlength=n_bins)
-    mu = np.bincount(b, disp, n_bins) / np.maximum(size, 1)
-    sq = np.bincount(b, (disp - mu[b]) ** 2, n_bins)
-    sd = np.sqrt(sq / np.maximum(size - 1, 1))
-    z = np.where(sd[b] > 0, (disp - mu[b]) / np.where(sd[b] > 0, sd[b], 1), 0.0)
-    top = np.argsort(-z, kind="stable")[:n_top]
-    return np.sort(cols[top])
-
-
-class PcaBaseline:
-    """Centred PCA of chosen columns (genes) of log1p(CP10k), fitted on reference cells."""
-
-    def __init__(self, x: sp.csr_matrix, genes: np.ndarray, n_pcs: int, seed: int):
-        from sklearn.decomposition import PCA
-
-        self.genes = genes
-        xs = x[:, genes]
-        k = max(min(n_pcs, xs.shape[0] - 1, len(genes) - 1), 1)
-        # arpack centres sparse input implicitly (no dense copy) and is seeded
-        self.pca = PCA(k, svd_solver="arpack", random_state=seed).fit(xs)
-
-    def transform(self, x: sp.csr_matrix) -> np.ndarray:
-        return self.pca.transform(x[:, self.genes])
-
-    def project_view(self, x: sp.csr_matrix, view_genes: np.ndarray) -> np.ndarray:
-        """PC scores from a view's genes alone (the other genes at the reference mean)."""
-        pos = np.searchsorted(self.genes, view_genes)
-        known = (pos < len(self.genes)) & (
-            self.genes[np.minimum(pos, len(self.genes) - 1)] == view_genes
-        )
-        pos, cols = pos[known], view_genes[known]
-        w = self.pca.components_[:, pos].T  # (genes of the view, k)
-        return np.asarray(x[:, cols] @ w) - self.pca.mean_[pos] @ w
 
 
 # --- cells ------------------------------------------------------------------------------------
@@ -279,7 +189,7 @@ def load_cells(embedder: Embedder, spec: FileSpec, cfg: EvaluateConfig) -> Cells
         labels[codes >= 0] = np.asarray(cats, dtype=object)[codes[codes >= 0]]
     labels = labels if rows is None else labels[rows]
     with tqdm(total=len(labels), unit="cell", desc=spec.name, disable=not cfg.progress) as bar:
-        model = embedder.embed_block(blk, file.species, bar)
+        model = embedder.embed_block(blk, file.species, file.var_tokens, bar)
     n_tokens = embedder.mappings[file.species].size
     return Cells(
         spec, file.species, blk, labels, file.var_tokens, n, model, log_cp10k(blk, n_tokens)
@@ -308,7 +218,20 @@ def plan_folds(
         return [([f for f in files if f != q], [q]) for q in files]
     rc = embedder.run_config
     split: dict[str, list[FileSpec]] = {"train": [], "val": []}
-    if rc is not None:
+    chosen = [v for k, v in cfg.datamodule.items() if k.startswith("split_")]
+    if chosen:
+        for section in split:
+            for f in resolve_split_list(chosen, section, "datamodule.split_*"):
+                split[section].append(
+                    FileSpec(
+                        str(f.path),
+                        cfg.species or f.species,
+                        cfg.x_source or "auto",
+                        cfg.gene_id_column,
+                        cfg.gene_symbols,
+                    )
+                )
+    elif rc is not None:
         for f in configured_files(rc):
             split[f.section].append(
                 FileSpec(
@@ -419,7 +342,7 @@ def _species_metrics(
 
 def evaluate(cfg: EvaluateConfig, embedder: Embedder | None = None) -> dict:
     """Compute the metrics, write ``evaluation.{json,md,png}`` and return the report."""
-    embedder = embedder or Embedder.from_options(cfg)
+    embedder = embedder or cfg.embedder()
     folds = plan_folds(cfg, embedder)
     loaded: dict[FileSpec, Cells] = {}
     for ref, query in folds:
@@ -529,58 +452,6 @@ def markdown(report: dict) -> str:
     ]
     lines += ["", f"![embeddings]({Path(report['picture']).name})", ""]
     return "\n".join(lines)
-
-
-def _to_2d(x: np.ndarray, method: str, seed: int) -> np.ndarray:
-    if method == "pca":
-        from sklearn.decomposition import PCA
-
-        return PCA(2, random_state=seed).fit_transform(x)
-    from sklearn.manifold import TSNE
-
-    return TSNE(
-        2, init="pca", random_state=seed, perplexity=min(30.0, max(len(x) - 1, 1) / 3)
-    ).fit_transform(x)
-
-
-def draw(cells: list[Cells], cfg: EvaluateConfig, path: Path) -> None:
-    """Model and baseline in 2-D, coloured by cell type and by dataset (2 x 2 panels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x_all = sp.vstack([c.x for c in cells]).tocsr()
-    base = PcaBaseline(x_all, highly_variable(x_all, cfg.n_hvg), cfg.n_pcs, cfg.seed)
-    labels = np.array([MISSING if v is None else v for c in cells for v in c.labels], dtype=object)
-    datasets = np.concatenate([[c.spec.name] * len(c.labels) for c in cells]).astype(object)
-    n = len(labels)
-    pick = np.sort(np.random.default_rng(cfg.seed).permutation(n)[: cfg.plot_cells])
-    spaces = {
-        "model": np.concatenate([c.model for c in cells])[pick],
-        "HVG+PCA baseline": base.transform(x_all[pick]),
-    }
-    fig, axes = plt.subplots(2, 2, figsize=(14, 11))
-    for row, (title, x) in enumerate(spaces.items()):
-        xy = _to_2d(x, cfg.plot, cfg.seed)
-        for col, (what, values) in enumerate(
-            ((cfg.label_key, labels[pick]), ("dataset", datasets[pick]))
-        ):
-            ax = axes[row, col]
-            cats = sorted(set(values))
-            cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
-            for i, cat in enumerate(cats):
-                m = values == cat
-                color = "lightgrey" if cat == MISSING else cmap(i % cmap.N)
-                ax.scatter(xy[m, 0], xy[m, 1], s=4, color=color, label=cat, rasterized=True)
-            ax.set_title(f"{title}: {what} ({cfg.plot})")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(cfg: EvaluateConfig) -> int:

@@ -4,7 +4,9 @@ Resolves the splits to compiled stores (a missing or stale store is an error tha
 the compile command), builds the data module, the model and a Lightning Trainer, and
 fits. Run folder: ``PATH.CHECKPOINT_ROOT/<run_id>/`` with ``config.yaml``, ``metrics.csv``,
 ``steps/`` and ``latest/`` (``last.ckpt``). Resume with ``initialize.resume=true
-initialize.run_id=ID initialize.checkpoint=latest/last.ckpt``.
+initialize.run_id=ID initialize.checkpoint=latest/last.ckpt``. Continue pre-training from a
+model (a published one too) in a new run with ``initialize.checkpoint=<folder, name or .ckpt>
+initialize.create_new_run=true`` (:func:`concept.pretrained.start_from`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from omegaconf import OmegaConf
 
+from concept import pretrained as pretrained_model
 from concept.callbacks import CSVLog, RunFolder, Throughput
 from concept.cli import entry_point
 from concept.config import Config, ConfigError, validate
@@ -201,6 +204,9 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
     """Build everything and fit; returns the final validation metrics (floats)."""
     if cfg.initialize.resume:
         cfg = resume_config(cfg, overrides or [])
+    start = pretrained_model.start_from(cfg)  # a model's weights, into a new run
+    if start is not None:
+        cfg, start = start
     train_max = cfg.datamodule.dataset.train.max_tokens
     if cfg.model.pe_max_len < train_max + 1:
         raise ConfigError(
@@ -208,12 +214,14 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
         )
     L.seed_everything(SEED, workers=True, verbose=False)
     mappings = read_mappings(cfg)
+    if start is not None:
+        pretrained_model.check_same_vocabulary(mappings, start)
     stores = resolve_stores(cfg, mappings)
-    pretrained = load_pretrained(cfg, mappings)
+    pretrained = load_pretrained(cfg, mappings) if start is None else start.pretrained_tables()
     data = TokenDataModule(cfg, stores, mappings, seed=SEED)
     module = ContrastiveModule(
         ContrastiveModule.hparams_for(cfg.model, pretrained),
-        {s: m.size for s, m in mappings.items()},
+        start.vocab_sizes if start else {s: m.size for s, m in mappings.items()},
         cfg.datamodule.normalization,
         data.val_names,
         cfg.datamodule.obs_keys,
@@ -227,16 +235,14 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
             "initialize.fresh_training=true restarts from a checkpoint: also pass "
             "initialize.resume=true initialize.run_id=... initialize.checkpoint=..."
         )
-    if ini.resume:
+    if start is not None:  # weights only, into a new run
+        pretrained_model.load_weights(module, start)
+    elif ini.resume:  # everything; fresh_training drops the step, epoch and loader position
         source = Path(cfg.PATH.CHECKPOINT_ROOT) / str(ini.run_id) / str(ini.checkpoint)
         if not source.exists():
             raise ConfigError(f"initialize.checkpoint: {source} does not exist")
-        if ini.create_new_run and not ini.fresh_training:  # weights only, into a new run
-            state = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
-            module.load_state_dict(state, strict=False)
-        else:  # everything; fresh_training drops the step, epoch and loader position
-            ckpt = str(source)
-            module.fresh_training = ini.fresh_training
+        ckpt = str(source)
+        module.fresh_training = ini.fresh_training
     trainer = build_trainer(cfg, run_id)
     if cfg.model.training.validate_before_training and ckpt is None and data.val_names:
         trainer.validate(module, datamodule=data)

@@ -16,15 +16,9 @@ import scipy.sparse as sp
 from conftest import store_paths
 
 from concept.config import ConfigError, load_config, validate_schema
-from concept.embed import (
-    EmbedConfig,
-    Embedder,
-    embed,
-    infer_species,
-    length_batches,
-    resolve_checkpoint,
-    write_embedding,
-)
+from concept.embed import EmbedConfig, write_embedding
+from concept.inference import Embedder, infer_species, length_batches
+from concept.pretrained import load, resolve
 from concept.store import open_store
 from concept.vocab import InputError
 
@@ -78,9 +72,20 @@ def run_dir(tmp_path_factory, compiled) -> Path:
     return trained_run(tmp_path_factory.getbasetemp(), compiled)
 
 
+def embedder_of(source, **options) -> Embedder:
+    return Embedder(load(source), device="cpu", precision="32", **options)
+
+
+def embed(data, embedder: Embedder | Path, **options) -> np.ndarray:
+    """One file's (or AnnData's) embedding."""
+    if not isinstance(embedder, Embedder):
+        embedder = embedder_of(embedder)
+    return embedder.embed_file(data, progress=False, **options)[0]
+
+
 @pytest.fixture(scope="session")
 def embedder(run_dir) -> Embedder:
-    return Embedder(run_dir, device="cpu")
+    return embedder_of(run_dir)
 
 
 def h5ads(project: Path) -> Path:
@@ -95,25 +100,31 @@ def sha256(path: Path) -> str:
 def reference(embedder, compiled) -> tuple[ad.AnnData, np.ndarray]:
     """hs_csr_a (CSR counts in X) in memory, and its embedding from the file."""
     path = h5ads(compiled) / "hs_csr_a.h5ad"
-    return ad.read_h5ad(path), embed(path, embedder, progress=False)
+    return ad.read_h5ad(path), embed(path, embedder)
 
 
 def test_checkpoint_resolution(run_dir, tmp_path):
-    ckpt, run = resolve_checkpoint(run_dir)
-    assert ckpt == run_dir / "latest" / "last.ckpt" and run == run_dir
-    assert resolve_checkpoint(ckpt) == (ckpt, run_dir)
-    assert resolve_checkpoint("latest", str(run_dir.parent)) == (ckpt, run_dir)
+    files = resolve(run_dir)
+    ckpt = run_dir / "latest" / "last.ckpt"
+    assert (files.checkpoint, files.config, files.folder) == (
+        ckpt,
+        run_dir / "config.yaml",
+        run_dir,
+    )
+    assert not files.published
+    assert resolve(ckpt) == files
+    assert resolve("latest", str(run_dir.parent)) == files
     with pytest.raises(ConfigError, match="PATH.PROJECT_PATH"):
-        resolve_checkpoint("latest")
+        resolve("latest")
     with pytest.raises(InputError, match="no such checkpoint"):
-        resolve_checkpoint(tmp_path / "nope")
+        resolve(tmp_path / "nope")
 
 
 def test_settings_come_from_the_run(embedder):
     assert embedder.max_tokens == 48  # the run's datamodule.dataset.train.max_tokens
     assert sorted(embedder.mappings) == ["hsapiens", "mmusculus"]
     with pytest.raises(ConfigError, match="pe_max_len"):
-        Embedder(embedder.run_dir, max_tokens=65)
+        embedder_of(embedder.run_dir, max_tokens=65)
 
 
 def test_same_embedding_whatever_the_layout(reference, embedder, tmp_path):
@@ -131,11 +142,11 @@ def test_same_embedding_whatever_the_layout(reference, embedder, tmp_path):
     layouts["raw"] = raw
     for name, layout in layouts.items():
         layout.write_h5ad(tmp_path / f"{name}.h5ad")
-        got = embed(tmp_path / f"{name}.h5ad", embedder, progress=False)
+        got = embed(tmp_path / f"{name}.h5ad", embedder)
         assert np.array_equal(got, expected), name
     np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, rtol=1e-5)
     # the in-memory path is the file path
-    assert np.array_equal(embed(adata, embedder, progress=False), expected)
+    assert np.array_equal(embed(adata, embedder), expected)
 
 
 def test_gene_symbols_equal_ensembl_ids(reference, embedder, compiled, tmp_path):
@@ -143,10 +154,10 @@ def test_gene_symbols_equal_ensembl_ids(reference, embedder, compiled, tmp_path)
     by_symbol = adata.copy()
     by_symbol.var_names = adata.var["gene_symbols"].astype(str).to_numpy()
     by_symbol.write_h5ad(tmp_path / "symbols.h5ad")
-    got = embed(tmp_path / "symbols.h5ad", embedder, gene_symbols=True, progress=False)
+    got = embed(tmp_path / "symbols.h5ad", embedder, gene_symbols=True)
     assert np.array_equal(got, expected)
     path = h5ads(compiled) / "hs_csr_a.h5ad"
-    got = embed(path, embedder, gene_id_column="gene_symbols", gene_symbols=True, progress=False)
+    got = embed(path, embedder, gene_id_column="gene_symbols", gene_symbols=True)
     assert np.array_equal(got, expected)
 
 
@@ -163,8 +174,8 @@ def test_species_is_inferred_and_a_tie_is_an_error(embedder, compiled, tmp_path)
     tie.var_names = hs + mm
     tie.write_h5ad(tmp_path / "tie.h5ad")
     with pytest.raises(InputError, match="ambiguous"):
-        embed(tmp_path / "tie.h5ad", embedder, progress=False)
-    assert embed(tmp_path / "tie.h5ad", embedder, species="mmusculus", progress=False).shape == (
+        embed(tmp_path / "tie.h5ad", embedder)
+    assert embed(tmp_path / "tie.h5ad", embedder, species="mmusculus").shape == (
         30,
         32,
     )
@@ -188,8 +199,8 @@ def test_tokens_match_the_compiled_store(embedder, compiled):
 def test_batching_and_order(reference, embedder, compiled):
     """Small batches change only the grouping: the rows stay in the file's order."""
     _, expected = reference
-    small = Embedder(embedder.run_dir, batch_size=7, max_batch_tokens=200, device="cpu")
-    got = embed(h5ads(compiled) / "hs_csr_a.h5ad", small, progress=False)
+    small = embedder_of(embedder.run_dir, batch_size=7, max_batch_tokens=200)
+    got = embed(h5ads(compiled) / "hs_csr_a.h5ad", small)
     np.testing.assert_allclose(got, expected, atol=2e-5)
     batches = list(length_batches(np.array([3, 3, 5, 9, 20]), max_cells=2, max_tokens=17))
     assert batches == [(0, 2), (2, 3), (3, 4), (4, 5)]
@@ -197,7 +208,7 @@ def test_batching_and_order(reference, embedder, compiled):
 
 def test_deterministic(reference, run_dir, compiled):
     """A fresh load of the checkpoint gives the same bits."""
-    again = embed(h5ads(compiled) / "hs_csr_a.h5ad", run_dir, device="cpu", progress=False)
+    again = embed(h5ads(compiled) / "hs_csr_a.h5ad", run_dir)
     assert np.array_equal(again, reference[1])
 
 
@@ -228,6 +239,7 @@ def test_cli_writes_a_copy_and_leaves_the_input_alone(run_dir, reference, compil
         f"input={source}",
         f"output={out}",
         "progress=false",
+        "precision=32",
     ]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}

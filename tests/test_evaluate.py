@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from test_embed import h5ads, trained_run
 
+from concept.baseline import PcaBaseline, highly_variable
 from concept.config import ConfigError, validate_schema
-from concept.embed import Embedder
-from concept.evaluate import (
-    EvaluateConfig,
-    PcaBaseline,
-    classification_scores,
-    evaluate,
-    highly_variable,
-    knn_predict,
-    table,
-    view_recall,
-)
+from concept.eval_metrics import classification_scores, knn_predict, view_recall
+from concept.evaluate import EvaluateConfig, evaluate, table
+from concept.inference import Embedder
+from concept.pretrained import load
 
 
 def clusters(rng, n_per: int, n_types: int, dim: int, spread: float):
@@ -90,7 +85,8 @@ def test_config_is_strict():
 
 @pytest.fixture(scope="session")
 def embedder(tmp_path_factory, compiled) -> Embedder:
-    return Embedder(trained_run(tmp_path_factory.getbasetemp(), compiled), device="cpu")
+    run = trained_run(tmp_path_factory.getbasetemp(), compiled)
+    return Embedder(load(run), device="cpu", precision="32")
 
 
 def test_evaluate_end_to_end(embedder, tmp_path, capsys):
@@ -130,3 +126,32 @@ def test_leave_one_dataset_out(embedder, compiled, tmp_path):
     report = evaluate(cfg, embedder)
     assert {f["role"] for f in report["files"]} == {"query+reference"}
     assert report["metrics"]["knn_accuracy_cell_type"]["model"] > 0.3
+
+
+def test_split_overrides_and_config_dir_choose_the_files(embedder, compiled, tmp_path):
+    """``--config-dir`` + ``datamodule/split_<group>=<name>``, as for compile and train: the
+    split's train files are the reference, its val files the query."""
+    from hydra import compose, initialize_config_dir
+
+    from concept.config import CONF_DIR
+    from concept.evaluate import plan_folds
+
+    group = tmp_path / "datamodule" / "split_cellxgene_hsapiens"
+    group.mkdir(parents=True)
+    (group / "split_mine.yaml").write_text(
+        "source_name: synth_cxg\nspecies: hsapiens\n"
+        "source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\n"
+        "train: [hs_csr_a.h5ad, hs_raw_b.h5ad]\nval: [hs_dense_d.h5ad]\n"
+    )
+    overrides = [
+        f"checkpoint={embedder.run_dir}",
+        f"PATH.PROJECT_PATH={compiled}",
+        "datamodule/split_cellxgene_hsapiens=split_mine",
+        f"hydra.searchpath=[file://{tmp_path}]",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = validate_schema(compose(config_name="evaluate", overrides=overrides), EvaluateConfig)
+    ((reference, query),) = plan_folds(cfg, embedder)
+    assert [Path(f.path).name for f in reference] == ["hs_csr_a.h5ad", "hs_raw_b.h5ad"]
+    assert [Path(f.path).name for f in query] == ["hs_dense_d.h5ad"]
+    assert {f.species for f in reference + query} == {"hsapiens"}

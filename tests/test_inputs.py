@@ -250,7 +250,7 @@ def test_legacy_h5ad_embeds_like_the_current_file(tmp_path, tmp_path_factory, co
     """embed reads an anndata < 0.7 file exactly as the same data written today."""
     from test_embed import trained_run
 
-    from concept.embed import embed
+    from concept import Concept
 
     run = trained_run(tmp_path_factory.getbasetemp(), compiled)
     src = compiled / "data/synth_cxg/h5ads/hs_csr_e.h5ad"
@@ -258,8 +258,9 @@ def test_legacy_h5ad_embeds_like_the_current_file(tmp_path, tmp_path_factory, co
     current.obs = current.obs[["cell_type"]]
     legacy = tmp_path / "legacy.h5ad"
     write_legacy(current, legacy)
-    want = embed(src, run, species="hsapiens", device="cpu", progress=False)
-    got = embed(legacy, run, species="hsapiens", device="cpu", progress=False)
+    model = Concept.from_pretrained(run)
+    want = model.embed(src, species="hsapiens", device="cpu", precision="32")
+    got = model.embed(legacy, species="hsapiens", device="cpu", precision="32")
     assert got.shape == (current.n_obs, want.shape[1]) and np.allclose(got, want, atol=1e-6)
 
 
