@@ -64,6 +64,13 @@ def padded_forward(net: ContrastiveEncoder, views: Views) -> torch.Tensor:
     return F.normalize(x[:, 0], dim=-1)
 
 
+def view_loss(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Symmetric CLIP loss between the two views' embeddings (z: 2n x d, view 1 first)."""
+    logits = 20.0 * z[:n].float() @ z[n:].float().T
+    target = torch.arange(n, device=z.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def model_config(small: bool) -> ModelConfig:
     if small:
         return ModelConfig(
@@ -122,10 +129,7 @@ def run(args) -> dict:
                     )
                 else:
                     z = padded_forward(net, views)
-                n = views.n_cells
-                logits = 20.0 * z[:n].float() @ z[n:].float().T
-                target = torch.arange(n, device=device)
-                loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+                loss = view_loss(z, views.n_cells)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -136,9 +140,9 @@ def run(args) -> dict:
             elapsed += time.perf_counter() - t0
             real = len(views.tokens)
             lengths = (views.cu_seqlens[1:] - views.cu_seqlens[:-1]).cpu().numpy()
-            cells += n
+            cells += views.n_cells
             tokens += real
-            padded_tokens += 2 * n * views.max_seqlen
+            padded_tokens += 2 * views.n_cells * views.max_seqlen
             # the model's FLOPs (real tokens only), for both paths: MFU counts useful work
             flops += step_flops(n_params, cfg.nlayers, cfg.dim_model, lengths)
         row = {
@@ -194,10 +198,7 @@ def loader_share(args, device: torch.device, cfg: ModelConfig, stores, vocab: in
         views = build_views(b)
         with _autocast(device):
             z, _ = net(views.tokens, views.values, views.cu_seqlens, views.max_seqlen, "hsapiens")
-            n = views.n_cells
-            logits = 20.0 * z[:n].float() @ z[n:].float().T
-            target = torch.arange(n, device=device)
-            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+            loss = view_loss(z, views.n_cells)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -597,7 +597,7 @@ def test_adapt_improves_view_recall_on_held_out_cells(tmp_path):
     before = view_recall_on(m, held_out, size=200, batch=20)
     adapted = m.adapt(
         programs(m, 640, seed=1),
-        max_steps=100,
+        max_steps=150,
         batch_size=32,
         lr=1e-2,
         warmup=3,

