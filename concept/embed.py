@@ -132,10 +132,10 @@ def write_embedding(
 ) -> None:
     """Copy ``source`` to ``output`` and store ``embedding`` as ``obsm[key]`` there.
 
-    The copy is written under a temporary name and renamed, so a failed write leaves no
-    partial output; the source is only read.
+    ``source`` is an ``.h5ad`` file or an AnnData ``.zarr`` folder; the output has the same
+    kind. The copy is written under a temporary name and renamed, so a failed write leaves
+    no partial output; the source is only read.
     """
-    import h5py
     from anndata.io import write_elem
 
     check_output(source, output)
@@ -143,21 +143,41 @@ def write_embedding(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
-        shutil.copyfile(source, tmp)
-        with h5py.File(tmp, "a") as f:
-            if "obsm" not in f:
-                write_elem(f, "obsm", {})
-            if key in f["obsm"]:
-                del f["obsm"][key]
-            write_elem(f["obsm"], key, embedding)
+        if source.is_dir():  # AnnData .zarr
+            import zarr
+
+            shutil.copytree(source, tmp)
+            # the consolidated metadata is bypassed for the write and rebuilt after it
+            group = zarr.open_group(tmp, mode="a", use_consolidated=False)
+            _write_obsm(group, key, embedding, write_elem)
+            zarr.consolidate_metadata(tmp)
+            if output.is_dir():
+                shutil.rmtree(output)
+        else:
+            import h5py
+
+            shutil.copyfile(source, tmp)
+            with h5py.File(tmp, "a") as f:
+                _write_obsm(f, key, embedding, write_elem)
         os.replace(tmp, output)
     finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
+
+
+def _write_obsm(group, key: str, embedding: np.ndarray, write_elem) -> None:
+    """``obsm[key] = embedding`` in an open h5py or zarr group of an AnnData."""
+    if "obsm" not in group:
+        write_elem(group, "obsm", {})
+    if key in group["obsm"]:
+        del group["obsm"][key]
+    write_elem(group["obsm"], key, embedding)
 
 
 def run(cfg: EmbedConfig) -> int:
     check_output(cfg.input, cfg.output)
-    if not Path(cfg.input).is_file():
+    if not Path(cfg.input).exists():  # an .h5ad file or an AnnData .zarr folder
         raise InputError(f"input={cfg.input}: no such file")
     embedder = cfg.embedder()
     start = time.perf_counter()

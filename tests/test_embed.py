@@ -252,3 +252,29 @@ def test_cli_writes_a_copy_and_leaves_the_input_alone(run_dir, reference, compil
     with pytest.raises(InputError, match="input is never modified"):
         write_embedding(source, source, reference[1])
     assert sha256(source) == before
+
+
+def test_embed_cli_reads_and_writes_anndata_zarr(run_dir, compiled, tmp_path):
+    """An AnnData .zarr input embeds like the same cells in an .h5ad, into a .zarr copy."""
+    from concept.embed import EmbedConfig, run
+
+    h5ad = h5ads(compiled) / "hs_csr_e.h5ad"
+    src = ad.read_h5ad(h5ad)
+    zin = tmp_path / "cells.zarr"
+    src.write_zarr(zin)
+    outs = {}
+    for name, path in (("h5ad", h5ad), ("zarr", zin)):
+        out = tmp_path / f"out_{name}{path.suffix}"
+        cfg = EmbedConfig(
+            checkpoint=str(run_dir),
+            input=str(path),
+            output=str(out),
+            species="hsapiens",
+            device="cpu",
+            precision="32",
+            progress=False,
+        )
+        assert run(cfg) == 0
+        outs[name] = (ad.read_zarr(out) if name == "zarr" else ad.read_h5ad(out)).obsm["X_concept"]
+    np.testing.assert_allclose(outs["zarr"], outs["h5ad"], atol=1e-6)
+    assert ad.read_zarr(zin).obsm.keys() == src.obsm.keys()  # the input is untouched
