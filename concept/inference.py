@@ -28,7 +28,14 @@ import torch
 
 from concept.config import ConfigError
 from concept.data.batch import PackedBatch
-from concept.data.views import ViewPlan, Views, ViewSpec, _select, build_views
+from concept.data.views import (
+    ViewPlan,
+    Views,
+    ViewSpec,
+    build_views,
+    place_selection,
+    select_genes,
+)
 from concept.h5ad import H5adSource
 from concept.pretrained import Pretrained
 from concept.tokenize import (
@@ -320,19 +327,12 @@ class Embedder:
             max_tokens=self.max_tokens, gene_sampling_strategy=self.gene_sampling_strategy
         )
         rng = np.random.default_rng([self.seed, batch.index])
-        sel = _select(tokens, np.ones(len(tokens), bool), cu, var, spec, rng)
+        sel = select_genes(tokens, np.ones(len(tokens), bool), cu, var, spec, rng)
         n = sel.counts + sel.zero_counts
         out = np.zeros(len(n) + 1, np.int64)
         np.cumsum(n + 1, out=out[1:])
         src = np.full(out[-1], -1, np.int64)  # -1: CLS
-        start = out[:-1] + 1
-        first = np.cumsum(sel.counts) - sel.counts
-        src[np.repeat(start - first, sel.counts) + np.arange(len(sel.entries))] = sel.entries
-        zfirst = np.cumsum(sel.zero_counts) - sel.zero_counts
-        zpos = np.repeat(start + sel.counts - zfirst, sel.zero_counts) + np.arange(
-            len(sel.zero_tokens)
-        )
-        src[zpos] = len(tokens) + np.arange(len(sel.zero_tokens))
+        place_selection(src, sel, out[:-1] + 1, len(tokens))
         extra = sel.zero_tokens
         if not len(tokens) + len(extra):  # only empty cells: give the gather one (unused) source
             extra = np.array([PAD_TOKEN], np.int64)

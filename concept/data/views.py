@@ -204,7 +204,7 @@ def draw_gene_sets(
 
 
 @dataclass
-class _Selection:
+class Selection:
     """One view of the batch: chosen entries (flat, cell-major) and zero-valued genes."""
 
     entries: np.ndarray  # indices into the batch's flat tokens, grouped by cell
@@ -219,14 +219,14 @@ def _entries(member: np.ndarray, cu: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return entries, np.searchsorted(entries, cu)
 
 
-def _select(
+def select_genes(
     tokens: np.ndarray,
     expressed: np.ndarray,
     cu: np.ndarray,
     genes: np.ndarray,
     spec: ViewSpec,
     rng: np.random.Generator,
-) -> _Selection:
+) -> Selection:
     """Which entries (and which zero-valued genes) view ``genes`` keeps in each cell.
 
     ``expressed`` marks the batch entries whose gene is in the view. Each cell's sequence is
@@ -279,7 +279,17 @@ def _select(
         keep = rank < limit
         entries = entries[keep]
         counts = np.minimum(counts, limit)
-    return _Selection(entries, counts, zero_tok, zero_counts)
+    return Selection(entries, counts, zero_tok, zero_counts)
+
+
+def place_selection(src: np.ndarray, sel: Selection, start: np.ndarray, n_extra: int) -> None:
+    """Write a view's gather sources into ``src``: each cell's entries from ``start[i]`` on
+    (value order), then its zero genes, as sources ``n_extra + j`` (extra tokens)."""
+    first = np.cumsum(sel.counts) - sel.counts
+    src[np.repeat(start - first, sel.counts) + np.arange(len(sel.entries))] = sel.entries
+    zfirst = np.cumsum(sel.zero_counts) - sel.zero_counts
+    zpos = np.repeat(start + sel.counts - zfirst, sel.zero_counts) + np.arange(len(sel.zero_tokens))
+    src[zpos] = n_extra + np.arange(len(sel.zero_tokens))
 
 
 def plan_views(
@@ -303,7 +313,9 @@ def plan_views(
     lut[g2] |= 2
     label = lut[tokens]
     in_views = ((label & 1).view(bool), (label >> 1).view(bool))
-    views = [_select(tokens, e, cu, g, spec, rng) for e, g in zip(in_views, (g1, g2), strict=True)]
+    views = [
+        select_genes(tokens, e, cu, g, spec, rng) for e, g in zip(in_views, (g1, g2), strict=True)
+    ]
     keep = np.ones(b, bool)
     lengths = [v.counts + v.zero_counts for v in views]
     if spec.train and spec.qc_threshold is not None:
@@ -327,11 +339,7 @@ def plan_views(
             entries, ztok = entries[np.repeat(keep, counts)], ztok[np.repeat(keep, zcounts)]
             counts, zcounts = counts * keep, zcounts * keep
         start = cu_out[v * b : (v + 1) * b] + 1  # first gene position of each sequence
-        first = np.cumsum(counts) - counts
-        src[np.repeat(start - first, counts) + np.arange(len(entries))] = entries
-        zfirst = np.cumsum(zcounts) - zcounts
-        zpos = np.repeat(start + counts - zfirst, zcounts) + np.arange(len(ztok))
-        src[zpos] = n_extra + np.arange(len(ztok))
+        place_selection(src, Selection(entries, counts, ztok, zcounts), start, n_extra)
         extra.append(ztok)
         n_extra += len(ztok)
     return ViewPlan(
