@@ -17,14 +17,12 @@ store or loses the old one, and two compiles never collide.
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import errno
 import fcntl
 import os
 import resource
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from concept import store as fmt
 from concept.h5ad import H5adSource, match_genes
 from concept.tokenize import drop_duplicate_columns, gather_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
+from preprocess.writer import StoreWriter
 
 BUCKET_ELEMENTS = 4 << 20  # entries per scratch bucket: bounds pass-2 memory (~50 MB)
 
@@ -96,49 +95,6 @@ def store_lock(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _compressors(name: str | None):
-    import zarr
-
-    if name is None:
-        return None
-    if name == "zstd":
-        return [zarr.codecs.ZstdCodec(level=3)]
-    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
-
-
-class _ShardWriter:
-    """Appends to a 1-D Zarr array in whole shards, so no shard is ever rewritten. Writes
-    run on a background thread (one at a time, in order) while the next bucket is built."""
-
-    def __init__(self, array, shard: int, dtype: np.dtype, pool: ThreadPoolExecutor):
-        self.array, self.shard, self.dtype, self.pool = array, shard, dtype, pool
-        self.pos, self.pending, self.writes = 0, [], []
-
-    def _write(self, data: np.ndarray) -> None:
-        while len(self.writes) > 1:  # bound the buffers in flight
-            self.writes.pop(0).result()
-        start = self.pos
-        self.writes.append(
-            self.pool.submit(self.array.__setitem__, slice(start, start + len(data)), data)
-        )
-        self.pos += len(data)
-
-    def append(self, data: np.ndarray) -> None:
-        self.pending.append(data.astype(self.dtype, copy=False))
-        if sum(len(p) for p in self.pending) >= self.shard:
-            buf = np.concatenate(self.pending)
-            k = len(buf) // self.shard * self.shard
-            self._write(buf[:k])
-            self.pending = [buf[k:]]
-
-    def close(self) -> None:
-        buf = np.concatenate(self.pending) if self.pending else np.empty(0, self.dtype)
-        if len(buf):
-            self._write(buf)
-        for w in self.writes:
-            w.result()
-
-
 def _value_dtype(job: FileJob, report: FileReport, integral: bool, vmax: float) -> np.dtype:
     """Integer counts: the smallest unsigned type; other values: ``compile.value_dtype``,
     or float32 when the file's largest value does not fit float16 (reported)."""
@@ -155,10 +111,11 @@ def _value_dtype(job: FileJob, report: FileReport, integral: bool, vmax: float) 
     return dtype
 
 
-def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, progress) -> dict:
-    """Write the store into ``tmp``; return the per-store attributes to set."""
-    import zarr
-
+def _build(
+    job: FileJob, mapping: TokenMapping, tmp: Path, inputs: dict, report: FileReport, progress
+) -> None:
+    """Write the store into ``tmp``, with ``inputs`` (:func:`concept.store.current_attrs`)
+    among its root attributes."""
     s = job.settings
     with H5adSource(job.source, s["x_source"]) as src:
         col_tokens, var_source, note = match_genes(src, mapping, job.species, s["var_column"])
@@ -251,52 +208,22 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
     val_dtype = val_dtype or np.dtype(np.float32)
     store_vdtype = _value_dtype(job, report, integral, vmax)
     total = int(nnz.sum())
-    comp = _compressors(s["compressor"])
-    root = zarr.open_group(tmp, mode="a", zarr_format=3)
-
-    def entries(name: str, dtype: np.dtype):
-        return root.create_array(
-            name,
-            shape=(total,),
-            chunks=(s["chunk_elements"],),
-            shards=(s["shard_elements"],),
-            dtype=dtype,
-            compressors=comp,
-            fill_value=0,
-        )
-
-    pool = ThreadPoolExecutor(1)
-    tok_w = _ShardWriter(
-        entries(fmt.TOKENS, mapping.token_dtype), s["shard_elements"], mapping.token_dtype, pool
-    )
-    val_w = _ShardWriter(entries(fmt.VALUES, store_vdtype), s["shard_elements"], store_vdtype, pool)
+    writer = StoreWriter(tmp, s, total, mapping.token_dtype, store_vdtype)
     out_nnz = nnz[perm]
     for b in range(n_buckets):
         pos = np.concatenate(pos_lists[b]) if pos_lists[b] else np.empty(0, np.int64)
         counts = out_nnz[pos]
         local = np.concatenate([[0], np.cumsum(counts)])
         idx = gather_cells(local, np.argsort(pos))
-        tok_w.append(np.fromfile(scratch / f"t{b}", dtype=mapping.token_dtype)[idx])
-        val_w.append(np.fromfile(scratch / f"v{b}", dtype=val_dtype)[idx])
+        writer.append(
+            np.fromfile(scratch / f"t{b}", dtype=mapping.token_dtype)[idx],
+            np.fromfile(scratch / f"v{b}", dtype=val_dtype)[idx],
+        )
         (scratch / f"t{b}").unlink()
         (scratch / f"v{b}").unlink()
-    tok_w.close()
-    val_w.close()
-    pool.shutdown()
+    writer.close_entries()
     shutil.rmtree(scratch)
-
-    def cells(name: str, data: np.ndarray, attrs: dict | None = None) -> None:
-        arr = root.create_array(
-            name,
-            shape=data.shape,
-            chunks=(max(min(s["cell_chunk"], len(data)), 1), *data.shape[1:]),
-            dtype=data.dtype,
-            compressors=comp,
-            fill_value=0,
-        )
-        arr[:] = data
-        if attrs:
-            arr.attrs.update(attrs)
+    cells = writer.cells
 
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(out_nnz, out=indptr[1:])
@@ -314,19 +241,27 @@ def _build(job: FileJob, mapping: TokenMapping, tmp: Path, report: FileReport, p
 
     report.n_cells, report.nnz = n, total
     report.n_cells_unmapped = int((nnz == 0).sum())
-    return {
-        "n_cells": n,
-        "nnz": total,
-        "n_var_mapped": n_mapped,
-        "n_var_source": int(len(col_tokens)),
-        "x_source": src.x_source,
-        "var_source": var_source,
-        "value_dtype": store_vdtype.name,
-        "obs_keys": list(obs),
-        "precomp_embs_dim": int(embs.shape[1]) if embs_key else None,
-        "n_cells_unmapped": report.n_cells_unmapped,
-        "duplicate_genes": report.duplicate_genes,
-    }
+    writer.finish(
+        {
+            "species": job.species,
+            "source_name": job.source_name,
+            "source_file": Path(job.source).name,
+            "normalization": s["normalization"],
+            "shuffle_seed": s["shuffle_seed"],
+            **inputs,
+            "n_cells": n,
+            "nnz": total,
+            "n_var_mapped": n_mapped,
+            "n_var_source": int(len(col_tokens)),
+            "x_source": src.x_source,
+            "var_source": var_source,
+            "value_dtype": store_vdtype.name,
+            "obs_keys": list(obs),
+            "precomp_embs_dim": int(embs.shape[1]) if embs_key else None,
+            "n_cells_unmapped": report.n_cells_unmapped,
+            "duplicate_genes": report.duplicate_genes,
+        }
+    )
 
 
 def _read_obsm(source: str, key: str, n_cells: int) -> np.ndarray:
@@ -507,23 +442,7 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
             inputs = fmt.current_attrs(job.source, mapping.sha256, job.settings, job.fingerprint)
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
             try:
-                attrs = _build(job, mapping, tmp, report, progress)
-                import zarr
-
-                root = zarr.open_group(tmp, mode="a", zarr_format=3)
-                root.attrs.update(
-                    {
-                        "format": fmt.FORMAT,
-                        "species": job.species,
-                        "source_name": job.source_name,
-                        "source_file": Path(job.source).name,
-                        "normalization": job.settings["normalization"],
-                        "shuffle_seed": job.settings["shuffle_seed"],
-                        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                        **inputs,
-                        **attrs,
-                    }
-                )
+                _build(job, mapping, tmp, inputs, report, progress)
                 replace_store(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
