@@ -376,3 +376,27 @@ def test_csc_sink_with_many_column_blocks(tmp_path, monkeypatch):
     assert got.has_sorted_indices
     assert (got != full.tocsc()).nnz == 0
     assert not list(tmp_path.glob("block*"))
+
+
+def test_synthetic_store_is_a_valid_store_in_stored_order(tmp_path):
+    from concept.store import check_store, open_store
+    from preprocess.synth import synthetic_store
+
+    rng = np.random.default_rng(3)
+    k = np.array([1, 7, 298, 0, 150])
+    codes = np.array([0, 1, 1, -1, 0], np.int32)
+    path = synthetic_store(
+        tmp_path / "s.zarr", k, 300, "abc", rng, obs={"tissue": (codes, ["lung", "gut"])}
+    )
+    assert check_store(path, vocab_sha256="abc") is None
+    store = open_store(path)
+    assert len(store) == 5 and store.attrs["nnz"] == k.sum()
+    for i, n in enumerate(k):
+        tokens, values = store.cell(i)
+        assert len(tokens) == n and len(np.unique(tokens)) == n
+        assert tokens.min(initial=2) >= 2 and tokens.max(initial=0) < 300
+        # stored order: value descending, then token ascending
+        order = np.lexsort((tokens, -values.astype(np.int64)))
+        assert np.array_equal(order, np.arange(n))
+        assert store.total_counts[i] == values.sum()
+    assert np.array_equal(store.obs("tissue")[0], codes)
