@@ -6,7 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= projects/demo
 
-.PHONY: demo test lint venv clean-demo
+# make bench: the bench extra (the peers of benchmarks/loader.py) and annbatch's own
+# Python 3.12 venv (benchmarks/out/annbatch-venv), then the three benchmarks. The scale
+# benchmark runs its three default points at 100 genes per cell (see README).
+BENCH_STAMP := $(VENV)/.bench-installed
+LOADER_ARGS ?=
+COMPILE_ARGS ?=
+SCALE_ARGS ?= --median-genes 100
+
+.PHONY: demo test lint venv clean-demo bench bench-setup
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -15,6 +23,18 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -c "from benchmarks.loader import annbatch_python; py, why = annbatch_python(); print(f'annbatch venv: {py} ({why})' if py else f'WARNING: no annbatch venv, the annbatch row will be skipped: {why}')"
+	@touch $(BENCH_STAMP)
+
+bench-setup: $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/loader.py $(LOADER_ARGS)
+	$(PY) benchmarks/compile.py $(COMPILE_ARGS)
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -30,12 +30,11 @@ What is measured
 For every point and every rank count of ``--ranks``, ``world`` child processes run the
 loader at once, as the DDP ranks of one node would (rank ``r`` of world ``w``:
 ``TokenLoader(stores, batch_size=128 * w, block_size=32, within_group="dataset", seed=0,
-rank=r, world_size=w, num_workers=0, prefetch=4)``, reader ``auto``: raw byte ranges):
-every rank reads 128 cells a batch whatever the world size, so the ranks' aggregate
-measures how the data path scales with ranks, not the per-batch overhead of smaller
-per-rank batches).
-The parent reads every corpus file once before each run (the page cache holds the
-corpus: *warm*), then drives the ranks through these phases in lockstep:
+rank=r, world_size=w, num_workers=0, prefetch=4)``, reader ``auto``: raw byte ranges).
+Every rank reads 128 cells a batch whatever the world size, so the ranks' aggregate
+shows how the data path scales with ranks, not the per-batch overhead of smaller
+per-rank batches. The parent reads every corpus file once before each run (the page
+cache holds the corpus: *warm*), then drives the ranks through these phases in lockstep:
 
 ``startup_s``
     ``TokenLoader(...)`` to the first batch (the imports before it are ``import_s``).
@@ -64,20 +63,21 @@ corpus: *warm*), then drives the ranks through these phases in lockstep:
     are recorded).
 ``schedule_s``
     The time of ``build_schedule`` (below: ``sampler.global_batches`` of a new epoch),
-    slowest rank; ``schedule_bytes``: its peak Python allocation (tracemalloc, a
-    second build).
+    slowest rank; ``schedule_bytes``: what the built schedule holds (tracemalloc, a
+    second build; ``peak_bytes`` per rank with the temporaries).
 ``cold_cells_per_s``, ``cold_ratio``
     The parent drops the corpus from the page cache (``posix_fadvise(DONTNEED)`` on
     every file after ``sync``; ``resident_after_drop`` is measured with ``mincore``),
-    then each rank reads a new epoch for ``--seconds`` while every ``os.pread`` /
-    ``os.preadv`` the loader makes is logged (thread, file, offset, bytes read: a few
-    hundred nanoseconds per call). The parent drops the pages again and each rank
-    replays its logged reads with plain ``preadv`` on as many threads as the loader
-    used (files opened beforehand): the disk's random-read floor for the same request
-    sizes, files and thread count. ``floor_cells_per_s`` is the cold window's cells over
-    the replay's time; ``cold_ratio`` = cold / floor (the reads include the loader's
-    read-ahead of up to ``prefetch`` batches past the window). On a VM the host may
-    cache the disk: "cold" means "not in this kernel's page cache".
+    then each rank starts a new epoch and, from its first batch on (the epoch's start
+    is not timed), reads for ``--seconds`` while every ``os.pread`` / ``os.preadv`` the
+    loader makes is logged (thread, file, offset, bytes read: a few hundred nanoseconds
+    per call). The parent drops the pages again and each rank replays the reads logged
+    within its window with plain ``preadv`` on as many threads as the loader used
+    (files opened beforehand): the disk's random-read floor for the same request sizes,
+    files and thread count. ``floor_cells_per_s`` is the cold window's cells over the
+    replay's time; ``cold_ratio`` = cold / floor (the window's reads include the
+    read-ahead, up to ``prefetch`` batches, as the loader's own would). On a VM the
+    host may cache the disk: "cold" means "not in this kernel's page cache".
 ``resume_s``
     ``load_state_dict`` of a state halfway through a new epoch, then the first batch
     (checked to be the expected batch).
@@ -440,17 +440,21 @@ class Rank:
         self.loader.set_epoch(COLD_EPOCH)
         n = cells = 0
         with PreadLog() as log:
+            t0 = time.perf_counter()
             it = iter(self.loader)
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            next(it)  # the epoch's start (its schedule) is not part of the window
+            first = time.perf_counter() - t0
+            i0, cpu0, t0 = len(log.reads), time.process_time(), time.perf_counter()
             for batch in it:
                 n, cells = n + 1, cells + len(batch)
                 if time.perf_counter() - t0 >= self.args.seconds:
                     break
             seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            self.reads = list(log.reads)  # the reads done by the end of the window
+            self.reads = log.reads[i0:]  # the reads done within the window
             fds = open_fds()
             it.close()
         return {
+            "first_batch_s": first,
             "batches": n,
             "cells": cells,
             "seconds": seconds,
