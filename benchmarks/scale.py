@@ -236,7 +236,7 @@ def ensure_corpus(path: Path, stores: int, cells: int, median: int, seed: int) -
     return {**meta, "cached": False}
 
 
-def check_disk(out: Path, need: dict[str, int]) -> None:
+def check_disk(out: Path, need: dict[str, int], note: str = "") -> None:
     """Refuse (exit with a message) when the corpora still to write do not fit the disk."""
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
@@ -244,10 +244,10 @@ def check_disk(out: Path, need: dict[str, int]) -> None:
     if total * 1.1 + 2 * GB > free:
         listed = ", ".join(f"{k}: {v / GB:.1f} GB" for k, v in need.items())
         raise SystemExit(
-            f"benchmarks/scale.py: the corpora still to write need about {total / GB:.1f} GB "
-            f"({listed}), and {out} has {free / GB:.1f} GB free (needed: that plus 10% and "
-            f"2 GB): choose smaller --points or a smaller --median-genes (each cell takes "
-            f"~{ENTRY_BYTES} bytes per gene), or free disk space"
+            f"benchmarks/scale.py: not run: the corpora still to write need about "
+            f"{total / GB:.1f} GB ({listed}{note}), and {out} has {free / GB:.1f} GB free "
+            f"(needed: that plus 10% and 2 GB). Choose smaller --points or a smaller "
+            f"--median-genes (each cell takes ~{ENTRY_BYTES} bytes per gene), or free disk space"
         )
 
 
@@ -799,16 +799,10 @@ def main(argv: list[str] | None = None) -> None:
         for d, (_, c) in zip(dirs, points, strict=True)
         if not (d / "corpus.json").is_file()
     }
-    if args.big and dirs[-1].name in need:
-        free = shutil.disk_usage(args.out if args.out.exists() else args.out.parent).free
-        if need[dirs[-1].name] * 1.1 + 2 * GB > free:
-            raise SystemExit(
-                f"--big: a corpus 1.25x this machine's {ram / GB:.0f} GB of RAM takes "
-                f"~{need[dirs[-1].name] / GB:.0f} GB at --median-genes {args.median_genes}, "
-                f"and only {free / GB:.0f} GB are free under {args.out}: not run "
-                "(free disk space, or run without --big)"
-            )
-    check_disk(args.out, need)
+    big = (
+        f"; --big adds the last: 1.25x this machine's {ram / GB:.0f} GB of RAM" if args.big else ""
+    )
+    check_disk(args.out, need, big)
     load_start = os.getloadavg()
     rows, compiled = [], []
     for d, (s, c) in zip(dirs, points, strict=True):
