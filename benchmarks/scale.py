@@ -71,7 +71,8 @@ cache holds the corpus: *warm*), then drives the ranks through these phases in l
     then each rank starts a new epoch and, from its first batch on (the epoch's start
     is not timed), reads for ``--seconds`` while every ``os.pread`` / ``os.preadv`` the
     loader makes is logged (thread, file, offset, bytes read: a few hundred nanoseconds
-    per call). The parent drops the pages again and each rank replays the reads logged
+    per call; a loader reading through ``mmap`` logs nothing, and the floor and
+    ``cold_ratio`` are then left empty). The parent drops the pages again and each rank replays the reads logged
     within its window with plain ``preadv`` on as many threads as the loader used
     (files opened beforehand): the disk's random-read floor for the same request sizes,
     files and thread count. ``floor_cells_per_s`` is the cold window's cells over the
