@@ -21,7 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from concept.config import Config, DataModuleConfig, PathConfig
-from concept.inference import AnnDataSource, Embedder, infer_species
+from concept.h5ad import AnnDataSource
+from concept.inference import Embedder, infer_species
 from concept.pretrained import Pretrained, load, to_reference_names
 from concept.vocab import InputError
 

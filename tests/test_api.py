@@ -15,6 +15,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -636,3 +637,124 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     )
     assert np.isfinite(scope["mi"]) and (tmp_path / "my-model" / "model.ckpt").is_file()
     assert scope["again"].species == ["hsapiens"]
+
+
+# --- in-memory AnnData: compiled without a file -----------------------------------------------
+
+
+def rich_adata(layout: str) -> ad.AnnData:
+    """Counts with empty cells and ties, obs columns of several kinds, an obsm table; the
+    counts in X (``csr``, ``dense``) or in ``raw`` beside a normalized CSC X (``csc_raw``)."""
+    rng = np.random.default_rng(3)
+    lines = (REF / "models" / "tiny-base" / "gene_mappings" / "hsapiens.csv").read_text()
+    ids = [row.split(",")[0] for row in lines.splitlines()[3:]][:60] + ["ENSG_NOT_IN_VOCAB"]
+    x = rng.poisson(0.8, (90, len(ids))).astype(np.float32)
+    x[[4, 50, 89]] = 0  # empty cells, one of them the last
+    obs = {
+        "cell_type": np.array(["b", "a", None, "c", "a"] * 18, dtype=object),
+        "donor": rng.integers(0, 12, 90),  # numbers: categories as strings, sorted
+        "batch": pd.Categorical(rng.choice(["z", "y"], 90), categories=["z", "y"]),
+    }
+    frame = pd.DataFrame(obs, index=[f"c{i}" for i in range(90)])
+    adata = ad.AnnData(sp.csr_matrix(x) if layout == "csr" else x, obs=frame)
+    adata.var_names = ids
+    adata.obsm["X_emb"] = rng.normal(size=(90, 4)).astype(np.float32)
+    if layout == "csc_raw":
+        adata.raw = adata.copy()
+        adata.X = sp.csc_matrix(np.log1p(x))
+    return adata
+
+
+def compile_project(root: Path, adata: ad.AnnData | None, file: ad.AnnData | None) -> Path:
+    """Compile ``input_0`` of a one-file project (from memory, or written as ``.h5ad``);
+    returns its store."""
+    from concept.config import load_config
+    from preprocess.compile import run as compile_run
+
+    data = root / "data" / "mem" / "h5ads"
+    data.mkdir(parents=True)
+    vocab = root / "references" / "vocabulary" / "token_mappings_per_specie"
+    vocab.mkdir(parents=True)
+    shutil.copyfile(
+        REF / "models" / "tiny-base" / "gene_mappings" / "hsapiens.csv", vocab / "hsapiens.csv"
+    )
+    name = "input_0.h5ad" if file is not None else "input_0"
+    if file is not None:
+        file.write_h5ad(data / name)
+    conf = root / "conf" / "datamodule" / "split_cellxgene_hsapiens"
+    conf.mkdir(parents=True)
+    (conf / "split_mem.yaml").write_text(
+        f"source_name: mem\nspecies: hsapiens\nsource_path: {data}\ntrain: [{name}]\nval: []\n"
+    )
+    cfg = load_config(
+        [
+            f"PATH.PROJECT_PATH={root}",
+            "datamodule/split_cellxgene_hsapiens=split_mem",
+            "compile.register=false",
+            "compile.workers=1",
+            "datamodule.obs_keys=[cell_type,donor,batch]",
+            "datamodule.precomp_embs_key=X_emb",
+            "datamodule.dataset.val={}",
+            "datamodule.dataloader.val={}",
+        ],
+        config_dir=root / "conf",
+    )
+    assert compile_run(cfg, {data / name: adata} if adata is not None else None) == 0
+    return root / "compiled" / "mem" / "input_0.zarr"
+
+
+def store_arrays(path: Path) -> dict:
+    """Every array of a store with its attributes, by path."""
+    import zarr
+
+    members = zarr.open_group(path, mode="r").members(max_depth=None)
+    return {n: (a[...], dict(a.attrs)) for n, a in members if isinstance(a, zarr.Array)}
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense", "csc_raw"])
+def test_in_memory_anndata_compiles_to_the_store_of_its_h5ad(tmp_path, layout):
+    """The same data, in memory and written to .h5ad, give stores with identical arrays
+    (tokens, values, per-cell arrays, obs codes and categories, obsm) and attributes, but
+    for the source's fingerprint and stat; nothing is written beside the in-memory input."""
+    from concept.store import read_attrs
+
+    mem = compile_project(tmp_path / "mem", rich_adata(layout), None)
+    disk = compile_project(tmp_path / "disk", None, rich_adata(layout))
+    a, b = store_arrays(mem), store_arrays(disk)
+    assert set(a) == set(b) and {"tokens", "obs/donor", "obsm/X_emb"} <= set(a)
+    for name in a:
+        np.testing.assert_array_equal(a[name][0], b[name][0], err_msg=name)
+        assert a[name][0].dtype == b[name][0].dtype and a[name][1] == b[name][1], name
+    assert a["obs/cell_type"][1]["categories"] == ["a", "b", "c"]
+    assert (a["obs/cell_type"][0] == -1).sum() == 18  # None: missing
+    different = {"source_file", "source_fingerprint", "source_stat", "created_at"}
+    ma, da = read_attrs(mem), read_attrs(disk)
+    assert {k for k in ma if ma[k] != da.get(k)} <= different
+    assert (ma["source_file"], da["source_file"]) == ("input_0", "input_0.h5ad")
+    assert ma["source_fingerprint"].startswith("content:")
+    assert ma["source_stat"]["mtime_ns"] == 0 and ma["source_stat"]["size"] > 0
+    assert ma["x_source"] == ("raw" if layout == "csc_raw" else "X")
+    assert [p for p in (tmp_path / "mem" / "data").rglob("*") if p.is_file()] == []
+
+
+def test_in_memory_fingerprint_follows_the_content():
+    """Equal data hash equal (another object, as in another process); a change of the
+    matrix, var, obs, the categories' order (the codes follow it) or obsm changes it."""
+    from concept.h5ad import AnnDataSource
+
+    fp = AnnDataSource(rich_adata("csr")).fingerprint()
+    assert AnnDataSource(rich_adata("csr")).fingerprint() == fp
+    assert AnnDataSource(rich_adata("csr"), "X").fingerprint() == fp  # the same matrix
+    for what in ("value", "var", "obs", "categories", "obsm"):
+        a = rich_adata("csr")
+        if what == "value":
+            a.X.data[0] += 1
+        elif what == "var":
+            a.var_names = list(a.var_names[::-1])
+        elif what == "obs":
+            a.obs["donor"] = a.obs["donor"] + 1
+        elif what == "categories":
+            a.obs["batch"] = a.obs["batch"].cat.reorder_categories(["y", "z"])
+        else:
+            a.obsm["X_emb"][0, 0] = 9.0
+        assert AnnDataSource(a).fingerprint() != fp, what
