@@ -758,3 +758,127 @@ def test_in_memory_fingerprint_follows_the_content():
         else:
             a.obsm["X_emb"][0, 0] = 9.0
         assert AnnDataSource(a).fingerprint() != fp, what
+
+
+# --- train_vocab_only: adapting a model to another vocabulary -------------------------------
+
+
+def other_vocabulary(tmp_path: Path, source: str = "tiny-base") -> tuple[Path, dict]:
+    """``<tmp>/vocab/hsapiens.csv``: the model's vocabulary less 15 genes the PBMC cells
+    express, plus the 38 PBMC genes it lacks, tokens in a new order."""
+    theirs = model(source).model.mappings["hsapiens"]
+    pbmc = ad.read_h5ad(REF / "inputs" / "pbmc.h5ad")
+    in_vocab = theirs.tokens_of(pbmc.var_names) >= 0
+    removed = list(pbmc.var_names[in_vocab][:15])
+    added = list(pbmc.var_names[~in_vocab])
+    names = dict(zip(pbmc.var_names, pbmc.var["feature_name"], strict=True))
+    genes = [(g, n) for g, n in zip(theirs.gene_ids[2:], theirs.gene_names[2:], strict=True)]
+    genes = [x for x in genes if x[0] not in removed] + [(g, names[g]) for g in added]
+    order = np.random.default_rng(0).permutation(len(genes))
+    rows = ["gene_id,gene_name,token", "<cls>,,0", "<pad>,,1"]
+    rows += [f"{genes[i][0]},{genes[i][1]},{t + 2}" for t, i in enumerate(order)]
+    folder = tmp_path / "vocab"
+    folder.mkdir()
+    (folder / "hsapiens.csv").write_text("\n".join(rows) + "\n")
+    return folder, {"removed": removed, "added": added}
+
+
+def shared_rows(mine, theirs) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of the genes both vocabularies hold: in ``mine``, and in ``theirs``."""
+    old = theirs.tokens_of(mine.gene_ids)
+    new = np.flatnonzero(old >= 0)
+    return new, old[new]
+
+
+def test_with_vocabulary_keeps_shared_rows_and_starts_new_genes_fresh():
+    """tiny-pretrained moved to another vocabulary: every non-table weight is the model's;
+    both tables keep the rows of shared genes (matched by id, tokens reordered); new genes
+    start as a fresh table does next to pretrained vectors (zero residual), their
+    pretrained rows from the project's vectors (zeros without)."""
+    import tempfile
+
+    from concept.pretrained import with_vocabulary
+    from concept.vocab import read_token_mapping
+
+    m = model("tiny-pretrained").model
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, genes = other_vocabulary(Path(tmp), "tiny-pretrained")
+        mine = read_token_mapping(folder / "hsapiens.csv")
+    rng = np.random.default_rng(1)
+    vectors = {"hsapiens": rng.normal(size=(mine.size, 24)).astype(np.float32)}
+    for given in (None, vectors):
+        moved = with_vocabulary(m, {"hsapiens": mine}, given)
+        assert moved.mappings["hsapiens"] is mine and moved.vocab_sizes["hsapiens"] == mine.size
+        a, b = moved.module.state_dict(), m.module.state_dict()
+        tables = {f"net.genes.{k}.hsapiens.weight" for k in ("learnable", "pretrained")}
+        assert set(a) == set(b)
+        for k in set(a) - tables:
+            assert torch.equal(a[k], b[k]), k
+        new, old = shared_rows(mine, m.mappings["hsapiens"])
+        assert len(new) == mine.size - len(genes["added"])
+        fresh = np.setdiff1d(np.arange(mine.size), new)
+        for k in tables:
+            assert torch.equal(a[k][new], b[k][old]), k
+        assert not a["net.genes.learnable.hsapiens.weight"][fresh].any()
+        rows = a["net.genes.pretrained.hsapiens.weight"][fresh].numpy()
+        np.testing.assert_array_equal(rows, 0 if given is None else vectors["hsapiens"][fresh])
+
+
+def test_a_vocabulary_sharing_no_gene_is_an_error(tmp_path):
+    from concept.train import train
+
+    source = REF / "models" / "tiny-base"
+    rows = ["gene_id,gene_name,token", "<cls>,,0", "<pad>,,1"]
+    rows += [f"ENSG9999999{i:04d},G{i},{i + 2}" for i in range(50)]
+    (tmp_path / "none.csv").write_text("\n".join(rows) + "\n")
+    project, conf = pbmc_project(tmp_path, tmp_path / "none.csv")
+    cfg = continue_config(project, conf, source, "model.training.train_vocab_only=true")
+    with pytest.raises(
+        InputError, match=r"hsapiens.csv shares no gene with the model.s hsapiens vocabulary"
+    ):
+        train(cfg)
+
+
+def test_train_vocab_only_trains_only_the_gene_table_of_a_new_vocabulary(tmp_path, monkeypatch):
+    """``initialize.checkpoint=<model> model.training.train_vocab_only=true`` on a project
+    whose vocabulary drops and adds genes: right after loading, shared genes' rows are the
+    model's; after 20 CPU steps every other weight is unchanged, rows of genes the data
+    holds changed, the rest did not."""
+    import copy
+
+    from concept import pretrained
+    from concept.train import train
+    from preprocess.compile import run as compile_run
+
+    source = REF / "models" / "tiny-base"
+    folder, genes = other_vocabulary(tmp_path)
+    project, conf = pbmc_project(tmp_path, folder / "hsapiens.csv")
+    cfg = continue_config(project, conf, source, "model.training.train_vocab_only=true")
+    assert compile_run(cfg) == 0
+    seen = {}
+
+    def spy(module, model):
+        load_weights(module, model)
+        seen["state"] = copy.deepcopy(module.state_dict())
+
+    load_weights = pretrained.load_weights
+    monkeypatch.setattr(pretrained, "load_weights", spy)
+    train(cfg)
+    original = model("tiny-base").model
+    key = "net.genes.learnable.hsapiens.weight"
+    after = Concept.from_pretrained(project / "model_checkpoints" / "continued").model
+    mine = after.mappings["hsapiens"]
+    assert mine.size == original.mappings["hsapiens"].size - 15 + 38
+    new, old = shared_rows(mine, original.mappings["hsapiens"])
+    b, loaded, trained = original.module.state_dict(), seen["state"], after.module.state_dict()
+    assert torch.equal(loaded[key][new], b[key][old])
+    for k in set(b) - {key}:
+        assert torch.equal(loaded[k], b[k]) and torch.equal(trained[k], b[k]), k
+    pbmc = ad.read_h5ad(REF / "inputs" / "pbmc.h5ad")
+    in_data = np.zeros(mine.size, bool)
+    in_data[mine.tokens_of(pbmc.var_names)[mine.tokens_of(pbmc.var_names) >= 0]] = True
+    changed = (trained[key] != loaded[key]).any(1).numpy()
+    assert not changed[~in_data].any()  # genes absent from the data (and CLS, PAD) untouched
+    # kept and added genes alike train (a gene in few cells may not be drawn in 20 steps)
+    for rows in (mine.tokens_of(genes["added"]), new[in_data[new]]):
+        assert changed[rows].mean() > 0.9, changed[rows].mean()
