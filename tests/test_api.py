@@ -882,3 +882,47 @@ def test_train_vocab_only_trains_only_the_gene_table_of_a_new_vocabulary(tmp_pat
     # kept and added genes alike train (a gene in few cells may not be drawn in 20 steps)
     for rows in (mine.tokens_of(genes["added"]), new[in_data[new]]):
         assert changed[rows].mean() > 0.9, changed[rows].mean()
+
+
+def test_adapt_reads_in_memory_data_without_a_file_and_skips_what_is_current(tmp_path):
+    """In-memory AnnData is compiled from memory: nothing is written under the project's
+    data/ (no .h5ad anywhere); adapting again on equal data into the same folder reuses
+    the store, on changed data it rebuilds it."""
+    m = model("tiny-base")
+    folder = tmp_path / "project"
+
+    def adapt_and_status(adata: ad.AnnData) -> list[str]:
+        m.adapt(adata, max_steps=2, batch_size=16, max_tokens=64, folder=folder)
+        report = json.loads((folder / "compiled" / "compile_report.json").read_text())
+        return [f["status"] for f in report["files"]]
+
+    assert adapt_and_status(programs(m, 64, seed=1)) == ["compiled"]
+    assert [p for p in (folder / "data").rglob("*") if p.is_file()] == []
+    assert list(folder.rglob("*.h5ad")) == []
+    assert adapt_and_status(programs(m, 64, seed=1)) == ["skipped"]  # another, equal object
+    changed = programs(m, 64, seed=1)
+    changed.X.data[0] += 1
+    assert adapt_and_status(changed) == ["compiled"]
+    assert (folder / "model_checkpoints" / "adapted" / "latest" / "last.ckpt").exists()
+
+
+def test_adapt_to_another_vocabulary_trains_only_its_gene_table(tmp_path, pbmc):
+    """``adapt(train_vocab_only=True, gene_mappings=...)``: the adapted model has the new
+    vocabulary, every weight but the gene table is the model's, and it saves and loads
+    back; a new vocabulary without train_vocab_only is refused."""
+    m = model("tiny-base")
+    folder, _ = other_vocabulary(tmp_path)
+    with pytest.raises(ConfigError, match="needs train_vocab_only=True"):
+        m.adapt(pbmc, gene_mappings=folder)
+    adapted = m.adapt(
+        pbmc, max_steps=3, batch_size=16, max_tokens=64, train_vocab_only=True, gene_mappings=folder
+    )
+    mine = adapted.model.mappings["hsapiens"]
+    assert mine.path == folder / "hsapiens.csv"
+    a, b = adapted.model.module.state_dict(), m.model.module.state_dict()
+    key = "net.genes.learnable.hsapiens.weight"
+    assert a[key].shape[0] == mine.size != b[key].shape[0]
+    assert all(torch.equal(a[k], b[k]) for k in set(b) - {key})
+    again = Concept.from_pretrained(adapted.save(tmp_path / "saved"))
+    z = adapted.embed(pbmc, precision="32")
+    np.testing.assert_allclose(again.embed(pbmc, precision="32"), z, atol=1e-6)
