@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from concept.config import Config, DataModuleConfig, PathConfig
-from concept.inference import AnnDataSource, Embedder, infer_species
+from concept.config import Config, ConfigError, DataModuleConfig, PathConfig
+from concept.h5ad import open_source
+from concept.inference import Embedder, infer_species
 from concept.pretrained import Pretrained, load, to_reference_names
-from concept.vocab import InputError
+from concept.vocab import InputError, read_token_mapping
 
 if TYPE_CHECKING:
     import anndata
@@ -46,13 +47,6 @@ def estimate_mutual_information(
     logits = e1 @ e2.T * logit_scale
     ce = torch.nn.functional.cross_entropy(logits, torch.arange(len(e1)))
     return float(np.log(len(e1)) - ce)
-
-
-def _file_var_ids(path: str | Path) -> np.ndarray:
-    from concept.h5ad import H5adSource
-
-    with H5adSource(path) as src:
-        return src.var_ids()
 
 
 class Concept:
@@ -218,16 +212,19 @@ class Concept:
         lr: float = 1e-4,
         warmup: int = 10,
         max_tokens: int | None = None,
+        train_vocab_only: bool = False,
+        gene_mappings: str | Path | None = None,
         folder: str | Path | None = None,
         overrides: list[str] | None = None,
     ) -> Concept:
         """Fine-tune on AnnData objects or ``.h5ad`` files (the reference's ``train``).
 
-        The inputs become a project of their own (in ``folder``, else a temporary folder):
-        in-memory AnnData is written to ``data/adapt/h5ads/``, paths are linked there, the
-        model's token mappings are its vocabulary. The project's compiler builds the
-        stores and the project's trainer continues from this model (``initialize.checkpoint``,
-        strict), without validation, on one device (CPU unless CUDA is visible).
+        The inputs become a project of their own (in ``folder``, else a temporary folder)
+        whose token mappings are the model's (or ``gene_mappings``). The project's compiler
+        builds the stores, reading AnnData objects in memory (in this process, no file
+        written; see :class:`concept.h5ad.AnnDataSource`) and files where they are. The
+        project's trainer continues from this model (``initialize.checkpoint``, strict),
+        without validation, on one device (CPU unless CUDA is visible).
 
         Parameters
         ----------
@@ -240,8 +237,17 @@ class Concept:
             ``model.training.lr``, ``model.training.warmup``.
         max_tokens
             Genes per view (default: the model's training ``max_tokens``).
+        train_vocab_only
+            Train only the learnable gene tables, everything else frozen
+            (``model.training.train_vocab_only``); with ``gene_mappings``, the model is
+            first moved to that vocabulary (:func:`concept.pretrained.with_vocabulary`).
+        gene_mappings
+            Folder of ``<species>.csv`` token mappings to adapt to (needs
+            ``train_vocab_only``); the adapted model keeps these files' paths.
         folder
-            Where the project (stores, run folder) is written; kept when given.
+            Where the project (stores, run folder ``model_checkpoints/adapted``) is
+            written; kept when given. Adapting again into it rebuilds only stores whose
+            input changed (an AnnData's content is fingerprinted) and replaces the run.
         overrides
             More dotted config overrides (``datamodule.dataset.train.panel_selection=random``).
 
@@ -249,6 +255,12 @@ class Concept:
         -------
         Concept
             The adapted model (this one is unchanged).
+
+        Raises
+        ------
+        concept.vocab.InputError
+            An input the compiler cannot read, or ``gene_mappings`` sharing no gene with the
+            model's vocabulary.
         """
         from concept.config import compose, validate
         from concept.train import train
@@ -257,31 +269,42 @@ class Concept:
         inputs = adatas if isinstance(adatas, list | tuple) else [adatas]
         if not inputs:
             raise InputError("adapt: no inputs")
+        if gene_mappings is not None and not train_vocab_only:
+            raise ConfigError(
+                "adapt: gene_mappings (a vocabulary other than the model's) needs "
+                "train_vocab_only=True"
+            )
+        mappings = dict(self.model.mappings)
+        if gene_mappings is not None:
+            for p in sorted(Path(gene_mappings).glob("*.csv")):
+                mappings[p.stem] = read_token_mapping(p)
         keep = folder is not None
         root = Path(folder) if keep else Path(tempfile.mkdtemp(prefix="concept-adapt-"))
         try:
-            h5ads = root / "data" / "adapt" / "h5ads"
-            h5ads.mkdir(parents=True, exist_ok=True)
+            data = root / "data" / "adapt" / "inputs"
+            data.mkdir(parents=True, exist_ok=True)
             by_species: dict[str, list[str]] = {}
+            in_memory = {}
             for i, item in enumerate(inputs):
-                name = f"input_{i}.h5ad"
+                if getattr(item, "isbacked", False):  # a backed AnnData: its file
+                    item = item.filename
                 if isinstance(item, str | Path):
-                    (h5ads / name).unlink(missing_ok=True)
-                    (h5ads / name).symlink_to(Path(item).absolute())
+                    name = f"input_{i}{Path(item).suffix or '.h5ad'}"
+                    (data / name).unlink(missing_ok=True)
+                    (data / name).symlink_to(Path(item).absolute())
                 else:
-                    item.write_h5ad(h5ads / name)
-                sp_ = species or infer_species(
-                    AnnDataSource(item).var_ids()
-                    if not isinstance(item, str | Path)
-                    else _file_var_ids(item),
-                    self.model.mappings,
-                )
+                    name = f"input_{i}"  # no file: the store's name
+                    in_memory[data / name] = item
+                with open_source(item) as src:
+                    sp_ = species or infer_species(src.var_ids(), mappings)
                 by_species.setdefault(sp_, []).append(name)
             vocab = root / "references" / "vocabulary" / "token_mappings_per_specie"
             vocab.mkdir(parents=True, exist_ok=True)
-            for s, mapping in self.model.mappings.items():
+            for s, mapping in mappings.items():
                 shutil.copyfile(mapping.path, vocab / f"{s}.csv")
             self.save(root / "model")
+            run_dir = root / "model_checkpoints" / "adapted"
+            shutil.rmtree(run_dir, ignore_errors=True)  # an earlier adapt's run
             accelerator = "gpu" if torch.cuda.is_available() else "cpu"
             raw = compose(
                 [
@@ -296,6 +319,7 @@ class Concept:
                     f"model.training.max_steps={max_steps}",
                     f"model.training.warmup={warmup}",
                     f"model.training.lr={lr}",
+                    f"model.training.train_vocab_only={train_vocab_only}",
                     "model.training.validate_before_training=false",
                     "model.training.val_check_interval=1000000000",
                     f"datamodule.dataloader.train.batch_size={batch_size}",
@@ -313,19 +337,19 @@ class Concept:
                 {
                     "source_name": "adapt",
                     "species": s,
-                    "source_path": str(h5ads),
+                    "source_path": str(data),
                     "train": files,
                     "val": [],
                 }
                 for s, files in sorted(by_species.items())
             ]
             cfg = validate(raw)
-            if compile_run(cfg) != 0:
+            if compile_run(cfg, in_memory) != 0:
                 raise InputError(f"adapt: compiling the inputs failed (report in {root}/compiled)")
             train(cfg)
-            adapted = load(root / "model_checkpoints" / "adapted")
-            # the temporary project goes: the vocabularies are this model's own files
-            return Concept(replace(adapted, mappings=self.model.mappings))
+            adapted = load(run_dir)
+            # the temporary project goes: the vocabularies are the caller's own files
+            return Concept(replace(adapted, mappings={**adapted.mappings, **mappings}))
         finally:
             if not keep:
                 shutil.rmtree(root, ignore_errors=True)

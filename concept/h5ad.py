@@ -11,19 +11,27 @@ memory: column blocks are scattered into per-row-block scratch files, then each 
 is sorted and handed out as CSR. Files written before anndata's versioned encoding
 (anndata < 0.7: compound ``obs``/``var`` datasets, ``h5sparse`` matrices, ``raw.X``)
 are read through anndata's own readers (``read_h5ad(backed="r")``, ``sparse_dataset``).
+
+An AnnData in memory is read the same way by :class:`AnnDataSource`;
+:func:`open_source` picks the reader for a path or an AnnData.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from concept.vocab import InputError, TokenMapping
+
+if TYPE_CHECKING:
+    import anndata
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,62 @@ def row_ranges(
             b = max(min(b, fit), a + 1)
         yield a, b
         a = b
+
+
+def choose_matrix(have: list[str], x_source: str, where) -> tuple[str, str | None]:
+    """The matrix ``x_source`` names among the source's matrices ``have``, and a sentence
+    for the report when ``auto`` chose it on its own.
+
+    ``auto`` is ``raw`` when present, else ``X``, else the only matrix.
+
+    Raises
+    ------
+    InputError
+        ``x_source`` is not among ``have``; ``auto`` with neither ``X`` nor ``raw`` and
+        several layers.
+    """
+    if x_source != "auto":
+        if x_source not in have:
+            raise InputError(
+                f"{where}: x_source={x_source} is not in the file; its matrices are "
+                f"{have}: pass compile.x_source=<one of them> (embed: x_source=<one of them>)"
+            )
+        return x_source, None
+    if "raw" in have or "X" in have:
+        return ("raw" if "raw" in have else "X"), None
+    if len(have) == 1:
+        return have[0], (
+            f"no X or raw/X: reading {have[0]}, the file's only matrix "
+            f"(x_source={have[0]} chooses it explicitly)"
+        )
+    raise InputError(
+        f"{where}: no X or raw/X; the file's matrices are {have}: choose one "
+        "with compile.x_source=<matrix> (embed: x_source=<matrix>)"
+    )
+
+
+def category_codes(values) -> tuple[np.ndarray, list[str]]:
+    """Codes (int32, -1 missing) and categories of column values: a pandas Categorical
+    keeps its categories; other values become the sorted distinct strings."""
+    import pandas as pd
+
+    if hasattr(values, "categories"):  # pandas Categorical
+        return np.asarray(values.codes, dtype=np.int32), [str(c) for c in values.categories]
+    values = np.asarray(values)
+    missing = np.asarray(pd.isna(values), bool)
+    cats, codes = np.unique(values[~missing].astype(str), return_inverse=True)
+    out = np.full(len(values), -1, dtype=np.int32)
+    out[~missing] = codes
+    return out, [str(c) for c in cats]
+
+
+def series_codes(col) -> tuple[np.ndarray, list[str]]:
+    """:func:`category_codes` of a pandas Series."""
+    import pandas as pd
+
+    return category_codes(
+        col.array if isinstance(col.dtype, pd.CategoricalDtype) else col.to_numpy()
+    )
 
 
 class H5adSource:
@@ -134,26 +198,8 @@ class H5adSource:
         return out
 
     def _open(self, x_source: str) -> None:
-        have = self.matrices()
-        if x_source == "auto":
-            if "raw" in have or "X" in have:
-                x_source = "raw" if "raw" in have else "X"
-            elif len(have) == 1:
-                x_source = have[0]
-                self.warnings.append(
-                    f"no X or raw/X: reading {x_source}, the file's only matrix "
-                    f"(x_source={x_source} chooses it explicitly)"
-                )
-            else:
-                raise InputError(
-                    f"{self.path}: no X or raw/X; the file's matrices are {have}: choose one "
-                    "with compile.x_source=<matrix> (embed: x_source=<matrix>)"
-                )
-        elif x_source not in have:
-            raise InputError(
-                f"{self.path}: x_source={x_source} is not in the file; its matrices are "
-                f"{have}: pass compile.x_source=<one of them> (embed: x_source=<one of them>)"
-            )
+        x_source, note = choose_matrix(self.matrices(), x_source, self.path)
+        self.warnings += [note] if note else []
         self.x_source = x_source
         raw = self._raw_key() if x_source == "raw" else None
         self._x = self._f[f"{raw}X" if raw else x_source]
@@ -236,8 +282,6 @@ class H5adSource:
 
     def obs_column(self, key: str) -> tuple[np.ndarray, list[str]] | None:
         """Codes (int32, -1 missing) and categories of an obs column; None if absent."""
-        import pandas as pd
-
         obs = self._f["obs"]
         if _current_frame(obs):
             from anndata.io import read_elem
@@ -249,16 +293,19 @@ class H5adSource:
             frame = self._frame("obs")
             if key not in frame.columns:
                 return None
-            col = frame[key]
-            values = col.array if isinstance(col.dtype, pd.CategoricalDtype) else col.to_numpy()
-        if hasattr(values, "categories"):  # pandas Categorical
-            return np.asarray(values.codes, dtype=np.int32), [str(c) for c in values.categories]
-        values = np.asarray(values)
-        missing = (values != values) if values.dtype.kind == "f" else np.zeros(len(values), bool)
-        cats, codes = np.unique(values[~missing].astype(str), return_inverse=True)
-        out = np.full(len(values), -1, dtype=np.int32)
-        out[~missing] = codes
-        return out, [str(c) for c in cats]
+            return series_codes(frame[key])
+        return category_codes(values)
+
+    def obsm_keys(self) -> list[str]:
+        """Keys of ``obsm``."""
+        f = self._f
+        return sorted(f["obsm"]) if "obsm" in f and not _is_array(f["obsm"]) else []
+
+    def obsm(self, key: str):
+        """``obsm[key]`` as anndata decodes it (array, sparse matrix or DataFrame)."""
+        from anndata.io import read_elem
+
+        return read_elem(self._f["obsm"][key])
 
     # --- expression -----------------------------------------------------------------------
 
@@ -346,8 +393,193 @@ class H5adSource:
         return int(self._x["data"].shape[0]) if self.encoding != "array" else None
 
 
+class AnnDataSource:
+    """An AnnData in memory with :class:`H5adSource`'s interface: the compiler and the
+    embedder read it in the same row blocks, without a copy through a file.
+
+    A CSR matrix is handed out in slices of its own arrays; a dense one block by block; any
+    other sparse format is converted to CSR once (a copy of its entries).
+
+    Parameters
+    ----------
+    adata
+        The AnnData, in memory.
+    x_source
+        As :class:`H5adSource`'s.
+    name
+        What messages call it.
+    """
+
+    def __init__(self, adata: anndata.AnnData, x_source: str = "auto", name: str = "<AnnData>"):
+        self.path = name
+        self.warnings: list[str] = []
+        self._adata = adata
+        self._fingerprint: str | None = None
+        self._size = 0  # bytes hashed by fingerprint()
+        self.x_source, note = choose_matrix(self.matrices(), x_source, name)
+        self.warnings += [note] if note else []
+        if self.x_source == "raw":
+            self._x, self._var = adata.raw.X, adata.raw.var
+        elif self.x_source == "X":
+            self._x, self._var = adata.X, adata.var
+        else:
+            self._x, self._var = adata.layers[self.x_source[len("layers/") :]], adata.var
+        self.n_cells, self.n_vars = (int(k) for k in self._x.shape)
+
+    def matrices(self) -> list[str]:
+        """The AnnData's expression matrices, as ``x_source`` values."""
+        a = self._adata
+        out = ["X"] if a.X is not None else []
+        out += ["raw"] if a.raw is not None else []
+        return out + [f"layers/{k}" for k in sorted(a.layers)]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> AnnDataSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def var_columns(self) -> list[str]:
+        """Columns of the matrix's ``var``."""
+        return [str(c) for c in self._var.columns]
+
+    def var_ids(self, column: str | None = None) -> np.ndarray:
+        """Gene ids: ``var_names``, or a var column."""
+        if column is None:
+            return np.asarray(self._var.index).astype(str)
+        if column not in self._var.columns:
+            raise InputError(
+                f"{self.path}: var has no column {column!r} (columns: {self.var_columns()})"
+            )
+        return np.asarray(self._var[column]).astype(str)
+
+    def obs_column(self, key: str) -> tuple[np.ndarray, list[str]] | None:
+        """Codes (int32, -1 missing) and categories of an obs column; None if absent."""
+        obs = self._adata.obs
+        return series_codes(obs[key]) if key in obs.columns else None
+
+    def obsm_keys(self) -> list[str]:
+        """Keys of ``obsm``."""
+        return sorted(self._adata.obsm)
+
+    def obsm(self, key: str):
+        """``obsm[key]`` (array, sparse matrix or DataFrame)."""
+        return self._adata.obsm[key]
+
+    def blocks(
+        self,
+        rows_per_block: int,
+        max_entries: int | None = None,
+        scratch_dir: str | Path | None = None,
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(first_row, indptr, indices, data)`` CSR blocks, as :meth:`H5adSource.blocks`
+        (``scratch_dir`` is not needed)."""
+        import scipy.sparse as sp
+
+        x = self._x
+        if sp.issparse(x):
+            x = x.tocsr()  # the matrix itself when CSR
+            indptr = np.asarray(x.indptr, np.int64)
+            for a, b in row_ranges(indptr, rows_per_block, max_entries):
+                lo, hi = indptr[a], indptr[b]
+                yield a, indptr[a : b + 1], x.indices[lo:hi], x.data[lo:hi]
+            return
+        # dense: a block's entries are its rows times the genes
+        sizes = np.arange(self.n_cells + 1, dtype=np.int64) * self.n_vars
+        for a, b in row_ranges(sizes, rows_per_block, max_entries):
+            blk = sp.csr_matrix(np.asarray(x[a:b]))
+            yield a, blk.indptr.astype(np.int64), blk.indices, blk.data
+
+    @property
+    def nnz_hint(self) -> int | None:
+        """Stored entries of a sparse matrix (None for dense)."""
+        import scipy.sparse as sp
+
+        return int(self._x.nnz) if sp.issparse(self._x) else None
+
+    def fingerprint(self) -> str:
+        """``content:<sha256>`` of everything a store compiled from this source can depend
+        on: the matrix (format, shape, dtype and arrays), its ``var`` (names and columns),
+        ``obs`` and ``obsm``. Stands in for a file's fingerprint
+        (:func:`concept.store.source_fingerprint`): the same data hashes the same in any
+        process. Reads every entry once (about 1 GB/s)."""
+        import scipy.sparse as sp
+
+        if self._fingerprint is not None:
+            return self._fingerprint
+        h = hashlib.sha256()
+        x = self._x
+        arrays = (x.data, x.indices, x.indptr) if sp.issparse(x) else (np.asarray(x),)
+        fmt = x.format if sp.issparse(x) else "dense"
+        h.update(f"{self.x_source}:{fmt}:{tuple(x.shape)}\n".encode())
+        for arr in arrays:
+            self._hash_array(h, arr)
+        for name, frame in (("var", self._var), ("obs", self._adata.obs)):
+            h.update(f"{name}\n".encode())
+            self._hash_frame(h, frame)
+        for key in self.obsm_keys():
+            value = self.obsm(key)
+            h.update(f"obsm/{key}:{type(value).__name__}\n".encode())
+            if hasattr(value, "columns"):
+                self._hash_frame(h, value)
+            elif sp.issparse(value):
+                for arr in (value.data, value.indices, value.indptr):
+                    self._hash_array(h, arr)
+            else:
+                self._hash_array(h, np.asarray(value))
+        self._fingerprint = f"content:{h.hexdigest()}"
+        return self._fingerprint
+
+    def stat(self) -> dict:
+        """What a store records as its source's stat: the bytes :meth:`fingerprint` hashed
+        (an AnnData in memory has no file, no mtime: 0)."""
+        self.fingerprint()
+        return {"size": self._size, "mtime_ns": 0}
+
+    def _hash_array(self, h, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.dtype.str}:{arr.shape}\n".encode())
+        if arr.dtype.kind == "O":  # strings or mixed objects: by their text
+            arr = np.asarray([str(v) for v in arr.ravel()])
+        h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+        self._size += arr.nbytes
+
+    def _hash_frame(self, h, frame) -> None:
+        """Index, column names and dtypes, and values; categories in their order (codes
+        follow it)."""
+        import pandas as pd
+
+        h.update(f"{list(map(str, frame.columns))}\n".encode())
+        self._hash_array(h, pd.util.hash_pandas_object(frame.index).to_numpy())
+        for c in frame.columns:
+            col = frame[c]
+            h.update(f"{c}:{col.dtype}\n".encode())
+            if isinstance(col.dtype, pd.CategoricalDtype):
+                h.update(f"{list(map(str, col.cat.categories))}\n".encode())
+            self._hash_array(h, pd.util.hash_pandas_object(col, index=False).to_numpy())
+
+
+def open_source(
+    source: str | Path | anndata.AnnData, x_source: str = "auto", name: str | None = None
+) -> H5adSource | AnnDataSource:
+    """The reader for ``source``: :class:`H5adSource` for a path (``.h5ad`` or AnnData
+    ``.zarr``), :class:`AnnDataSource` for an AnnData in memory (``name``: what its
+    messages call it)."""
+    if isinstance(source, str | Path):
+        return H5adSource(source, x_source)
+    if getattr(source, "isbacked", False):
+        raise InputError(
+            f"{name or '<AnnData>'}: a backed AnnData; pass its file ({source.filename}) or "
+            "load it into memory (adata.to_memory())"
+        )
+    return AnnDataSource(source, x_source, name or "<AnnData>")
+
+
 def match_genes(
-    src: H5adSource, mapping: TokenMapping, species: str, column: str | None = None
+    src: H5adSource | AnnDataSource, mapping: TokenMapping, species: str, column: str | None = None
 ) -> tuple[np.ndarray, str, str | None]:
     """Tokens of the file's genes and where their ids came from.
 

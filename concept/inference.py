@@ -1,8 +1,8 @@
 """Cell embeddings from a loaded model: the one path behind the API and both CLIs.
 
 Cells go through the compiler's path: :class:`~concept.h5ad.H5adSource` reads a file in
-row blocks (any layout the compiler accepts; :class:`AnnDataSource` does the same for an
-AnnData in memory), genes map to tokens with the compiler's rule (a duplicate after
+row blocks (any layout the compiler accepts; :class:`~concept.h5ad.AnnDataSource` does the
+same for an AnnData in memory), genes map to tokens with the compiler's rule (a duplicate after
 mapping keeps its first column) and :func:`~concept.tokenize.tokenize_csr` orders each
 cell's nonzero genes by value, then token. A cell's sequence is CLS and up to
 ``max_tokens`` genes chosen by ``gene_sampling_strategy`` as the reference's inference
@@ -36,7 +36,7 @@ from concept.data.views import (
     place_selection,
     select_genes,
 )
-from concept.h5ad import H5adSource
+from concept.h5ad import AnnDataSource, H5adSource, open_source
 from concept.pretrained import Pretrained
 from concept.tokenize import (
     TokenizedBlock,
@@ -52,61 +52,6 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("bf16-mixed", "32")
 GENE_SAMPLING = ("top-nonzero", "top", "random-nonzero", "random")
-
-
-class AnnDataSource:
-    """An AnnData in memory with :class:`~concept.h5ad.H5adSource`'s interface (no copy
-    through a file)."""
-
-    def __init__(self, adata: anndata.AnnData, x_source: str = "auto"):
-        self.path = "<AnnData>"
-        if x_source == "auto":
-            x_source = "raw" if adata.raw is not None else "X"
-        if x_source == "raw":
-            if adata.raw is None:
-                raise InputError("the AnnData has no .raw (pass x_source=X)")
-            self._x, self._var = adata.raw.X, adata.raw.var
-        elif x_source == "X":
-            self._x, self._var = adata.X, adata.var
-        elif x_source.startswith("layers/") and x_source[7:] in adata.layers:
-            self._x, self._var = adata.layers[x_source[7:]], adata.var
-        else:
-            raise InputError(f"the AnnData has no {x_source} (layers: {list(adata.layers)})")
-        if self._x is None:
-            raise InputError(f"the AnnData has no matrix in {x_source}")
-        self._obs = adata.obs
-        self.n_cells, self.n_vars = self._x.shape
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> AnnDataSource:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def var_ids(self, column: str | None = None) -> np.ndarray:
-        if column is None:
-            return np.asarray(self._var.index).astype(str)
-        if column not in self._var:
-            raise InputError(f"the AnnData's var has no column {column!r}")
-        return np.asarray(self._var[column]).astype(str)
-
-    def obs_column(self, key: str) -> tuple[np.ndarray, list[str]] | None:
-        if key not in self._obs:
-            return None
-        import pandas as pd
-
-        values = pd.Categorical(self._obs[key])
-        return np.asarray(values.codes, np.int32), [str(c) for c in values.categories]
-
-    def blocks(self, rows_per_block: int, max_entries: int | None = None):
-        import scipy.sparse as sp
-
-        for a in range(0, self.n_cells, rows_per_block):
-            x = sp.csr_matrix(self._x[a : a + rows_per_block])
-            yield a, x.indptr.astype(np.int64), x.indices, x.data
 
 
 def infer_species(ids: np.ndarray, mappings: dict[str, TokenMapping], symbols: bool = False) -> str:
@@ -243,10 +188,7 @@ class Embedder:
     ) -> FileTokens:
         """Open an ``.h5ad`` file (or wrap an AnnData) and map its genes (the caller closes
         ``.source``)."""
-        if isinstance(data, str | Path):
-            src = H5adSource(data, x_source or "auto")
-        else:
-            src = AnnDataSource(data, x_source or "auto")
+        src = open_source(data, x_source or "auto")
         try:
             if species is None:
                 species = infer_species(src.var_ids(gene_id_column), self.mappings, gene_symbols)

@@ -456,8 +456,93 @@ def check_same_vocabulary(project: dict[str, TokenMapping], model: Pretrained) -
             raise InputError(
                 f"{mine.path} differs from the model's {theirs.path} ({mine.size} vs "
                 f"{theirs.size} tokens; token {diff}: {a} vs {b}): set "
-                f"PATH.GENE_MAPPINGS_PATH={theirs.path.parent} and compile again"
+                f"PATH.GENE_MAPPINGS_PATH={theirs.path.parent} and compile again, or adapt "
+                "the model to this vocabulary with model.training.train_vocab_only=true"
             )
+
+
+def with_vocabulary(
+    model: Pretrained,
+    project: dict[str, TokenMapping],
+    vectors: dict[str, np.ndarray] | None = None,
+) -> Pretrained:
+    """``model`` with the project's vocabularies (``model.training.train_vocab_only``).
+
+    Every weight but the gene tables is the model's (loaded strictly). A species of the
+    project gets tables of its vocabulary's size: a gene both vocabularies hold (matched by
+    id, as :meth:`~concept.vocab.TokenMapping.tokens_of` matches) keeps its rows of the
+    model's tables; a new gene starts as the reference starts a fresh table (learnable
+    rows N(0, 1) without pretrained vectors, zeros as the residual beside them; pretrained
+    rows from ``vectors``, else zeros). Species the project lacks keep theirs.
+
+    Parameters
+    ----------
+    model
+        The loaded model.
+    project
+        The project's token mappings, by species.
+    vectors
+        The project's pretrained gene vectors (:func:`concept.train.load_pretrained`),
+        for the new genes of a model with a pretrained table.
+
+    Raises
+    ------
+    InputError
+        A species the model lacks, or a vocabulary sharing no gene with the model's.
+    """
+    sizes, mappings, shared = dict(model.vocab_sizes), dict(model.mappings), {}
+    for species, mine in project.items():
+        theirs = model.mappings.get(species)
+        if theirs is None:
+            raise InputError(
+                f"{mine.path}: the model {model.files.folder} has no {species} vocabulary "
+                f"(it has {sorted(model.mappings)}): train_vocab_only adapts a vocabulary, "
+                "it does not add a species"
+            )
+        old = theirs.tokens_of(mine.gene_ids)  # the model's token of each project token
+        new = np.flatnonzero(old >= 0)
+        if not (new >= 2).any():  # <cls> and <pad> always match
+            raise InputError(
+                f"{mine.path} shares no gene with the model's {species} vocabulary "
+                f"{theirs.path} (ids like {mine.gene_ids[2:4]} vs {theirs.gene_ids[2:4]}): "
+                "map the genes to the model's ids first"
+            )
+        sizes[species], mappings[species], shared[species] = mine.size, mine, (new, old[new])
+        log.info(
+            "%s: %d genes kept from the model, %d new, %d of the model's dropped",
+            species,
+            int((new >= 2).sum()),
+            mine.size - len(new),
+            theirs.size - len(new),
+        )
+    genes = model.module.net.genes
+    pretrained = None
+    if genes.pretrained is not None:
+        pretrained = {}
+        for s, emb in genes.pretrained.items():
+            if s not in shared:
+                pretrained[s] = emb.weight.detach().numpy()
+            elif vectors is not None and s in vectors:
+                pretrained[s] = vectors[s]
+            else:
+                pretrained[s] = np.zeros((sizes[s], emb.weight.shape[1]), np.float32)
+    module = ContrastiveModule(
+        ContrastiveModule.hparams_for(model.module.cfg, pretrained),
+        sizes,
+        model.module.normalization,
+        pretrained=pretrained,
+    )
+    state, fresh = model.module.state_dict(), module.state_dict()
+    for s, (new, old) in shared.items():
+        for kind in ("learnable", "pretrained"):
+            key = f"net.genes.{kind}.{s}.weight"
+            if key in state:
+                table = fresh[key].clone()
+                table[torch.as_tensor(new)] = state[key][torch.as_tensor(old)]
+                state[key] = table
+    load_strict(module, state, model.files.checkpoint)
+    module.eval()
+    return Pretrained(module, model.config, mappings, model.files)
 
 
 def start_from(cfg: Config) -> tuple[Config, Pretrained] | None:

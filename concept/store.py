@@ -137,8 +137,11 @@ def source_fingerprint(path: str | Path, mode: str = "fast") -> str:
         samples of 64 KiB (reads about 6 MiB; an in-place rewrite that restores size and
         mtime, as ``cp -p`` or ``rsync -a --inplace`` do, still changes the ctime; a copy
         of the file is a new inode). ``full``: size and a sha256 of every byte (reads the
-        whole file; a byte-identical copy has the same fingerprint).
+        whole file; a byte-identical copy has the same fingerprint). An in-memory source
+        (:class:`concept.h5ad.AnnDataSource`) gives its content's, whatever the mode.
     """
+    if hasattr(path, "fingerprint"):  # an AnnData in memory: no file
+        return path.fingerprint()
     path = Path(path)
     if path.is_dir():  # an AnnData .zarr folder: its files' paths, sizes and mtimes
         return f"{mode}:{_tree_fingerprint(path)}"
@@ -167,8 +170,11 @@ def source_stat(path: str | Path) -> dict:
     """Size and mtime of a source: the check training can afford (no bytes read).
 
     For an AnnData ``.zarr`` folder: the total size and the newest mtime of its files (a
-    folder's own mtime does not change when a chunk inside it is rewritten).
+    folder's own mtime does not change when a chunk inside it is rewritten). An in-memory
+    source gives its own (:meth:`concept.h5ad.AnnDataSource.stat`).
     """
+    if hasattr(path, "fingerprint"):
+        return path.stat()
     path = Path(path)
     if path.is_dir():
         stats = [q.stat() for q in path.rglob("*") if q.is_file()]

@@ -6,7 +6,9 @@ fits. Run folder: ``PATH.CHECKPOINT_ROOT/<run_id>/`` with ``config.yaml``, ``met
 ``steps/`` and ``latest/`` (``last.ckpt``). Resume with ``initialize.resume=true
 initialize.run_id=ID initialize.checkpoint=latest/last.ckpt``. Continue pre-training from a
 model (a published one too) in a new run with ``initialize.checkpoint=<folder, name or .ckpt>
-initialize.create_new_run=true`` (:func:`concept.pretrained.start_from`).
+initialize.create_new_run=true`` (:func:`concept.pretrained.start_from`); the project's
+vocabulary must be the model's, unless ``model.training.train_vocab_only=true`` adapts the
+model to it (:func:`concept.pretrained.with_vocabulary`: only the gene tables train).
 """
 
 from __future__ import annotations
@@ -214,7 +216,10 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
         )
     L.seed_everything(SEED, workers=True, verbose=False)
     mappings = read_mappings(cfg)
-    if start is not None:
+    if start is not None and cfg.model.training.train_vocab_only:  # adapt to this vocabulary
+        vectors = load_pretrained(cfg, mappings) if start.pretrained_tables() else None
+        start = pretrained_model.with_vocabulary(start, mappings, vectors)
+    elif start is not None:
         pretrained_model.check_same_vocabulary(mappings, start)
     stores = resolve_stores(cfg, mappings)
     pretrained = load_pretrained(cfg, mappings) if start is None else start.pretrained_tables()

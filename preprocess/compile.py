@@ -17,12 +17,13 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from concept.cli import entry_point
 from concept.config import Config, ConfigError
-from concept.h5ad import H5adSource
+from concept.h5ad import open_source
 from concept.splits import SplitFile, check_store_names, configured_files
 from concept.store import BYTE_SETTINGS, read_attrs, store_key, store_path
 from concept.vocab import panel_files
@@ -31,19 +32,27 @@ from preprocess.compiler import FileJob, FileReport, compile_file
 log = logging.getLogger("preprocess.compile")
 
 
-def make_jobs(cfg: Config) -> list[FileJob]:
+def make_jobs(cfg: Config, in_memory: dict[Path, Any] | None = None) -> list[FileJob]:
     """One job per configured file of this shard (``compile.shard_index`` of ``num_shards``).
+
+    ``in_memory`` maps configured files (their paths, which need not exist) to AnnData
+    objects compiled in their place.
 
     Raises
     ------
     ConfigError
-        Two configured files would share a store (checked over all shards' files).
+        Two configured files would share a store (checked over all shards' files); an
+        in-memory input for a file no split names.
     """
     c = cfg.compile
     files: list[SplitFile] = configured_files(cfg, tuple(c.splits))
     collisions = check_store_names(files)
     if collisions:
         raise ConfigError("\n".join(dict.fromkeys(collisions.values())) + "\nnothing compiled")
+    in_memory = {Path(k).resolve(): v for k, v in (in_memory or {}).items()}
+    unknown = set(in_memory) - {f.path for f in files}
+    if unknown:
+        raise ConfigError(f"in-memory inputs for files no split names: {sorted(map(str, unknown))}")
     files = files[c.shard_index :: c.num_shards]
     settings = {k: getattr(c, k) for k in BYTE_SETTINGS}
     mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
@@ -62,6 +71,7 @@ def make_jobs(cfg: Config) -> list[FileJob]:
             entries_per_read=c.entries_per_read,
             force=c.force,
             fingerprint=c.fingerprint,
+            adata=in_memory.get(f.path),
         )
         for f in files
     ]
@@ -72,7 +82,7 @@ def _total_cells(jobs: list[FileJob]) -> int | None:
     total = 0
     for j in jobs:
         try:
-            with H5adSource(j.source, j.settings["x_source"]) as src:
+            with open_source(j.input, j.settings["x_source"]) as src:
                 total += src.n_cells
         except Exception:  # bad files are reported by their own job
             return None
@@ -210,14 +220,20 @@ def write_report(cfg: Config, reports: list[FileReport]) -> bool:
     return True
 
 
-def run(cfg: Config) -> int:
-    """Compile, report, register; exit code 1 if any file failed."""
-    jobs = make_jobs(cfg)
+def run(cfg: Config, in_memory: dict[Path, Any] | None = None) -> int:
+    """Compile, report, register; exit code 1 if any file failed.
+
+    ``in_memory``: AnnData objects compiled in place of configured files
+    (:func:`make_jobs`), in this process.
+    """
+    jobs = make_jobs(cfg, in_memory)
     check_output_folders(cfg, jobs)
     if not jobs:
         log.warning("no files to compile: check the configured splits")
         return 0
     workers = min(cfg.compile.workers or os.cpu_count() or 1, len(jobs))
+    if in_memory:  # an AnnData in memory is never pickled into a worker pool
+        workers = 1
     reports = run_jobs(jobs, workers)
     print_report(reports)
     written = write_report(cfg, reports)

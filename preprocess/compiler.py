@@ -26,11 +26,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from concept import store as fmt
-from concept.h5ad import H5adSource, match_genes
+from concept.h5ad import match_genes, open_source
 from concept.tokenize import drop_duplicate_columns, gather_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
 from preprocess.writer import StoreWriter
@@ -40,9 +41,9 @@ BUCKET_ELEMENTS = 4 << 20  # entries per scratch bucket: bounds pass-2 memory (~
 
 @dataclass
 class FileJob:
-    """Everything one worker needs to compile one file (picklable)."""
+    """Everything one worker needs to compile one file (picklable without ``adata``)."""
 
-    source: str  # h5ad file or AnnData .zarr folder
+    source: str  # h5ad file or AnnData .zarr folder (with ``adata``: only its name)
     species: str
     source_name: str
     section: str
@@ -55,6 +56,12 @@ class FileJob:
     entries_per_read: int = 2_097_152
     force: bool = False
     fingerprint: str = "fast"  # fast | full (concept.store.source_fingerprint)
+    adata: Any = None  # an AnnData in memory compiled in place of the file (in-process only)
+
+    @property
+    def input(self):
+        """What the compiler reads: the AnnData in memory, else the file."""
+        return self.source if self.adata is None else self.adata
 
 
 @dataclass
@@ -117,7 +124,7 @@ def _build(
     """Write the store into ``tmp``, with ``inputs`` (:func:`concept.store.current_attrs`)
     among its root attributes."""
     s = job.settings
-    with H5adSource(job.source, s["x_source"]) as src:
+    with open_source(job.input, s["x_source"], job.source) as src:
         col_tokens, var_source, note = match_genes(src, mapping, job.species, s["var_column"])
         report.warnings += src.warnings + ([note] if note else [])
         report.duplicate_genes = drop_duplicate_columns(col_tokens)
@@ -140,6 +147,8 @@ def _build(
                 report.warnings.append(f"obs column {key!r} missing: codes -1")
                 col = (np.full(n, -1, np.int32), [])
             obs[key] = col
+        embs_key = s.get("precomp_embs_key")
+        embs = _read_obsm(src, embs_key, n) if embs_key else None
         if s["group_by"]:  # cells of one value contiguous (shuffled within it): fast sampling
             perm = perm[np.argsort(obs[s["group_by"]][0][perm], kind="stable")]
             out_pos[perm] = np.arange(n)
@@ -234,9 +243,7 @@ def _build(
     cells(fmt.ROW, perm.astype(np.int64))
     for key, (codes, cats) in obs.items():
         cells(f"{fmt.OBS_GROUP}/{key}", codes[perm], {"categories": cats})
-    embs_key = s.get("precomp_embs_key")
     if embs_key:
-        embs = _read_obsm(job.source, embs_key, n)
         cells(f"{fmt.OBSM_GROUP}/{embs_key}", embs[perm])
 
     report.n_cells, report.nnz = n, total
@@ -264,18 +271,14 @@ def _build(
     )
 
 
-def _read_obsm(source: str, key: str, n_cells: int) -> np.ndarray:
-    """``obsm[key]`` of an h5ad as float32 (n_cells, k) (``compile.precomp_embs_key``)."""
-    import h5py
-    from anndata.io import read_elem
-
-    with h5py.File(source, "r") as f:
-        if "obsm" not in f or key not in f["obsm"]:
-            have = sorted(f["obsm"]) if "obsm" in f else []
-            raise InputError(
-                f"{source}: no obsm[{key!r}] (has {have}): fix datamodule.precomp_embs_key"
-            )
-        value = read_elem(f["obsm"][key])
+def _read_obsm(src, key: str, n_cells: int) -> np.ndarray:
+    """``obsm[key]`` of an open source as float32 (n_cells, k) (``compile.precomp_embs_key``)."""
+    source = src.path
+    if key not in src.obsm_keys():
+        raise InputError(
+            f"{source}: no obsm[{key!r}] (has {src.obsm_keys()}): fix datamodule.precomp_embs_key"
+        )
+    value = src.obsm(key)
     value = np.asarray(value.toarray() if hasattr(value, "toarray") else value, np.float32)
     if value.ndim != 2 or len(value) != n_cells:
         raise InputError(
@@ -420,15 +423,19 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         if job.mapping not in _MAPPINGS:
             _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
         mapping = _MAPPINGS[job.mapping]
-        if not Path(job.source).exists():
+        if job.adata is None and not Path(job.source).exists():
             raise InputError(f"{job.source}: file not found")
+        # an AnnData in memory is fingerprinted by its content (concept.h5ad.AnnDataSource)
+        source = (
+            job.source if job.adata is None else open_source(job.adata, job.settings["x_source"])
+        )
         for p in job.panels:
             read_panel(p)  # a malformed panel fails its species' files, loudly
         with store_lock(out):
             recover(out)
             if (
                 not job.force
-                and fmt.stale_reason(out, job.source, mapping.sha256, job.settings) is None
+                and fmt.stale_reason(out, source, mapping.sha256, job.settings) is None
             ):
                 attrs = fmt.read_attrs(out)
                 report.status, report.n_cells, report.nnz = (
@@ -439,7 +446,7 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
                 report.coverage = attrs["n_var_mapped"] / max(attrs["n_var_source"], 1)
                 return report
             # the inputs as they are now, before the build reads them
-            inputs = fmt.current_attrs(job.source, mapping.sha256, job.settings, job.fingerprint)
+            inputs = fmt.current_attrs(source, mapping.sha256, job.settings, job.fingerprint)
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
             try:
                 _build(job, mapping, tmp, inputs, report, progress)

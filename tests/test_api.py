@@ -15,6 +15,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -636,3 +637,292 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     )
     assert np.isfinite(scope["mi"]) and (tmp_path / "my-model" / "model.ckpt").is_file()
     assert scope["again"].species == ["hsapiens"]
+
+
+# --- in-memory AnnData: compiled without a file -----------------------------------------------
+
+
+def rich_adata(layout: str) -> ad.AnnData:
+    """Counts with empty cells and ties, obs columns of several kinds, an obsm table; the
+    counts in X (``csr``, ``dense``) or in ``raw`` beside a normalized CSC X (``csc_raw``)."""
+    rng = np.random.default_rng(3)
+    lines = (REF / "models" / "tiny-base" / "gene_mappings" / "hsapiens.csv").read_text()
+    ids = [row.split(",")[0] for row in lines.splitlines()[3:]][:60] + ["ENSG_NOT_IN_VOCAB"]
+    x = rng.poisson(0.8, (90, len(ids))).astype(np.float32)
+    x[[4, 50, 89]] = 0  # empty cells, one of them the last
+    obs = {
+        "cell_type": np.array(["b", "a", None, "c", "a"] * 18, dtype=object),
+        "donor": rng.integers(0, 12, 90),  # numbers: categories as strings, sorted
+        "batch": pd.Categorical(rng.choice(["z", "y"], 90), categories=["z", "y"]),
+    }
+    frame = pd.DataFrame(obs, index=[f"c{i}" for i in range(90)])
+    adata = ad.AnnData(sp.csr_matrix(x) if layout == "csr" else x, obs=frame)
+    adata.var_names = ids
+    adata.obsm["X_emb"] = rng.normal(size=(90, 4)).astype(np.float32)
+    if layout == "csc_raw":
+        adata.raw = adata.copy()
+        adata.X = sp.csc_matrix(np.log1p(x))
+    return adata
+
+
+def compile_project(root: Path, adata: ad.AnnData | None, file: ad.AnnData | None) -> Path:
+    """Compile ``input_0`` of a one-file project (from memory, or written as ``.h5ad``);
+    returns its store."""
+    from concept.config import load_config
+    from preprocess.compile import run as compile_run
+
+    data = root / "data" / "mem" / "h5ads"
+    data.mkdir(parents=True)
+    vocab = root / "references" / "vocabulary" / "token_mappings_per_specie"
+    vocab.mkdir(parents=True)
+    shutil.copyfile(
+        REF / "models" / "tiny-base" / "gene_mappings" / "hsapiens.csv", vocab / "hsapiens.csv"
+    )
+    name = "input_0.h5ad" if file is not None else "input_0"
+    if file is not None:
+        file.write_h5ad(data / name)
+    conf = root / "conf" / "datamodule" / "split_cellxgene_hsapiens"
+    conf.mkdir(parents=True)
+    (conf / "split_mem.yaml").write_text(
+        f"source_name: mem\nspecies: hsapiens\nsource_path: {data}\ntrain: [{name}]\nval: []\n"
+    )
+    cfg = load_config(
+        [
+            f"PATH.PROJECT_PATH={root}",
+            "datamodule/split_cellxgene_hsapiens=split_mem",
+            "compile.register=false",
+            "compile.workers=1",
+            "datamodule.obs_keys=[cell_type,donor,batch]",
+            "datamodule.precomp_embs_key=X_emb",
+            "datamodule.dataset.val={}",
+            "datamodule.dataloader.val={}",
+        ],
+        config_dir=root / "conf",
+    )
+    assert compile_run(cfg, {data / name: adata} if adata is not None else None) == 0
+    return root / "compiled" / "mem" / "input_0.zarr"
+
+
+def store_arrays(path: Path) -> dict:
+    """Every array of a store with its attributes, by path."""
+    import zarr
+
+    members = zarr.open_group(path, mode="r").members(max_depth=None)
+    return {n: (a[...], dict(a.attrs)) for n, a in members if isinstance(a, zarr.Array)}
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense", "csc_raw"])
+def test_in_memory_anndata_compiles_to_the_store_of_its_h5ad(tmp_path, layout):
+    """The same data, in memory and written to .h5ad, give stores with identical arrays
+    (tokens, values, per-cell arrays, obs codes and categories, obsm) and attributes, but
+    for the source's fingerprint and stat; nothing is written beside the in-memory input."""
+    from concept.store import read_attrs
+
+    mem = compile_project(tmp_path / "mem", rich_adata(layout), None)
+    disk = compile_project(tmp_path / "disk", None, rich_adata(layout))
+    a, b = store_arrays(mem), store_arrays(disk)
+    assert set(a) == set(b) and {"tokens", "obs/donor", "obsm/X_emb"} <= set(a)
+    for name in a:
+        np.testing.assert_array_equal(a[name][0], b[name][0], err_msg=name)
+        assert a[name][0].dtype == b[name][0].dtype and a[name][1] == b[name][1], name
+    assert a["obs/cell_type"][1]["categories"] == ["a", "b", "c"]
+    assert (a["obs/cell_type"][0] == -1).sum() == 18  # None: missing
+    different = {"source_file", "source_fingerprint", "source_stat", "created_at"}
+    ma, da = read_attrs(mem), read_attrs(disk)
+    assert {k for k in ma if ma[k] != da.get(k)} <= different
+    assert (ma["source_file"], da["source_file"]) == ("input_0", "input_0.h5ad")
+    assert ma["source_fingerprint"].startswith("content:")
+    assert ma["source_stat"]["mtime_ns"] == 0 and ma["source_stat"]["size"] > 0
+    assert ma["x_source"] == ("raw" if layout == "csc_raw" else "X")
+    assert [p for p in (tmp_path / "mem" / "data").rglob("*") if p.is_file()] == []
+
+
+def test_in_memory_fingerprint_follows_the_content():
+    """Equal data hash equal (another object, as in another process); a change of the
+    matrix, var, obs, the categories' order (the codes follow it) or obsm changes it."""
+    from concept.h5ad import AnnDataSource
+
+    fp = AnnDataSource(rich_adata("csr")).fingerprint()
+    assert AnnDataSource(rich_adata("csr")).fingerprint() == fp
+    assert AnnDataSource(rich_adata("csr"), "X").fingerprint() == fp  # the same matrix
+    for what in ("value", "var", "obs", "categories", "obsm"):
+        a = rich_adata("csr")
+        if what == "value":
+            a.X.data[0] += 1
+        elif what == "var":
+            a.var_names = list(a.var_names[::-1])
+        elif what == "obs":
+            a.obs["donor"] = a.obs["donor"] + 1
+        elif what == "categories":
+            a.obs["batch"] = a.obs["batch"].cat.reorder_categories(["y", "z"])
+        else:
+            a.obsm["X_emb"][0, 0] = 9.0
+        assert AnnDataSource(a).fingerprint() != fp, what
+
+
+# --- train_vocab_only: adapting a model to another vocabulary -------------------------------
+
+
+def other_vocabulary(tmp_path: Path, source: str = "tiny-base") -> tuple[Path, dict]:
+    """``<tmp>/vocab/hsapiens.csv``: the model's vocabulary less 15 genes the PBMC cells
+    express, plus the 38 PBMC genes it lacks, tokens in a new order."""
+    theirs = model(source).model.mappings["hsapiens"]
+    pbmc = ad.read_h5ad(REF / "inputs" / "pbmc.h5ad")
+    in_vocab = theirs.tokens_of(pbmc.var_names) >= 0
+    removed = list(pbmc.var_names[in_vocab][:15])
+    added = list(pbmc.var_names[~in_vocab])
+    names = dict(zip(pbmc.var_names, pbmc.var["feature_name"], strict=True))
+    genes = [(g, n) for g, n in zip(theirs.gene_ids[2:], theirs.gene_names[2:], strict=True)]
+    genes = [x for x in genes if x[0] not in removed] + [(g, names[g]) for g in added]
+    order = np.random.default_rng(0).permutation(len(genes))
+    rows = ["gene_id,gene_name,token", "<cls>,,0", "<pad>,,1"]
+    rows += [f"{genes[i][0]},{genes[i][1]},{t + 2}" for t, i in enumerate(order)]
+    folder = tmp_path / "vocab"
+    folder.mkdir()
+    (folder / "hsapiens.csv").write_text("\n".join(rows) + "\n")
+    return folder, {"removed": removed, "added": added}
+
+
+def shared_rows(mine, theirs) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of the genes both vocabularies hold: in ``mine``, and in ``theirs``."""
+    old = theirs.tokens_of(mine.gene_ids)
+    new = np.flatnonzero(old >= 0)
+    return new, old[new]
+
+
+def test_with_vocabulary_keeps_shared_rows_and_starts_new_genes_fresh():
+    """tiny-pretrained moved to another vocabulary: every non-table weight is the model's;
+    both tables keep the rows of shared genes (matched by id, tokens reordered); new genes
+    start as a fresh table does next to pretrained vectors (zero residual), their
+    pretrained rows from the project's vectors (zeros without)."""
+    import tempfile
+
+    from concept.pretrained import with_vocabulary
+    from concept.vocab import read_token_mapping
+
+    m = model("tiny-pretrained").model
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, genes = other_vocabulary(Path(tmp), "tiny-pretrained")
+        mine = read_token_mapping(folder / "hsapiens.csv")
+    rng = np.random.default_rng(1)
+    vectors = {"hsapiens": rng.normal(size=(mine.size, 24)).astype(np.float32)}
+    for given in (None, vectors):
+        moved = with_vocabulary(m, {"hsapiens": mine}, given)
+        assert moved.mappings["hsapiens"] is mine and moved.vocab_sizes["hsapiens"] == mine.size
+        a, b = moved.module.state_dict(), m.module.state_dict()
+        tables = {f"net.genes.{k}.hsapiens.weight" for k in ("learnable", "pretrained")}
+        assert set(a) == set(b)
+        for k in set(a) - tables:
+            assert torch.equal(a[k], b[k]), k
+        new, old = shared_rows(mine, m.mappings["hsapiens"])
+        assert len(new) == mine.size - len(genes["added"])
+        fresh = np.setdiff1d(np.arange(mine.size), new)
+        for k in tables:
+            assert torch.equal(a[k][new], b[k][old]), k
+        assert not a["net.genes.learnable.hsapiens.weight"][fresh].any()
+        rows = a["net.genes.pretrained.hsapiens.weight"][fresh].numpy()
+        np.testing.assert_array_equal(rows, 0 if given is None else vectors["hsapiens"][fresh])
+
+
+def test_a_vocabulary_sharing_no_gene_is_an_error(tmp_path):
+    from concept.train import train
+
+    source = REF / "models" / "tiny-base"
+    rows = ["gene_id,gene_name,token", "<cls>,,0", "<pad>,,1"]
+    rows += [f"ENSG9999999{i:04d},G{i},{i + 2}" for i in range(50)]
+    (tmp_path / "none.csv").write_text("\n".join(rows) + "\n")
+    project, conf = pbmc_project(tmp_path, tmp_path / "none.csv")
+    cfg = continue_config(project, conf, source, "model.training.train_vocab_only=true")
+    with pytest.raises(
+        InputError, match=r"hsapiens.csv shares no gene with the model.s hsapiens vocabulary"
+    ):
+        train(cfg)
+
+
+def test_train_vocab_only_trains_only_the_gene_table_of_a_new_vocabulary(tmp_path, monkeypatch):
+    """``initialize.checkpoint=<model> model.training.train_vocab_only=true`` on a project
+    whose vocabulary drops and adds genes: right after loading, shared genes' rows are the
+    model's; after 20 CPU steps every other weight is unchanged, rows of genes the data
+    holds changed, the rest did not."""
+    import copy
+
+    from concept import pretrained
+    from concept.train import train
+    from preprocess.compile import run as compile_run
+
+    source = REF / "models" / "tiny-base"
+    folder, genes = other_vocabulary(tmp_path)
+    project, conf = pbmc_project(tmp_path, folder / "hsapiens.csv")
+    cfg = continue_config(project, conf, source, "model.training.train_vocab_only=true")
+    assert compile_run(cfg) == 0
+    seen = {}
+
+    def spy(module, model):
+        load_weights(module, model)
+        seen["state"] = copy.deepcopy(module.state_dict())
+
+    load_weights = pretrained.load_weights
+    monkeypatch.setattr(pretrained, "load_weights", spy)
+    train(cfg)
+    original = model("tiny-base").model
+    key = "net.genes.learnable.hsapiens.weight"
+    after = Concept.from_pretrained(project / "model_checkpoints" / "continued").model
+    mine = after.mappings["hsapiens"]
+    assert mine.size == original.mappings["hsapiens"].size - 15 + 38
+    new, old = shared_rows(mine, original.mappings["hsapiens"])
+    b, loaded, trained = original.module.state_dict(), seen["state"], after.module.state_dict()
+    assert torch.equal(loaded[key][new], b[key][old])
+    for k in set(b) - {key}:
+        assert torch.equal(loaded[k], b[k]) and torch.equal(trained[k], b[k]), k
+    pbmc = ad.read_h5ad(REF / "inputs" / "pbmc.h5ad")
+    in_data = np.zeros(mine.size, bool)
+    in_data[mine.tokens_of(pbmc.var_names)[mine.tokens_of(pbmc.var_names) >= 0]] = True
+    changed = (trained[key] != loaded[key]).any(1).numpy()
+    assert not changed[~in_data].any()  # genes absent from the data (and CLS, PAD) untouched
+    # kept and added genes alike train (a gene in few cells may not be drawn in 20 steps)
+    for rows in (mine.tokens_of(genes["added"]), new[in_data[new]]):
+        assert changed[rows].mean() > 0.9, changed[rows].mean()
+
+
+def test_adapt_reads_in_memory_data_without_a_file_and_skips_what_is_current(tmp_path):
+    """In-memory AnnData is compiled from memory: nothing is written under the project's
+    data/ (no .h5ad anywhere); adapting again on equal data into the same folder reuses
+    the store, on changed data it rebuilds it."""
+    m = model("tiny-base")
+    folder = tmp_path / "project"
+
+    def adapt_and_status(adata: ad.AnnData) -> list[str]:
+        m.adapt(adata, max_steps=2, batch_size=16, max_tokens=64, folder=folder)
+        report = json.loads((folder / "compiled" / "compile_report.json").read_text())
+        return [f["status"] for f in report["files"]]
+
+    assert adapt_and_status(programs(m, 64, seed=1)) == ["compiled"]
+    assert [p for p in (folder / "data").rglob("*") if p.is_file()] == []
+    assert list(folder.rglob("*.h5ad")) == []
+    assert adapt_and_status(programs(m, 64, seed=1)) == ["skipped"]  # another, equal object
+    changed = programs(m, 64, seed=1)
+    changed.X.data[0] += 1
+    assert adapt_and_status(changed) == ["compiled"]
+    assert (folder / "model_checkpoints" / "adapted" / "latest" / "last.ckpt").exists()
+
+
+def test_adapt_to_another_vocabulary_trains_only_its_gene_table(tmp_path, pbmc):
+    """``adapt(train_vocab_only=True, gene_mappings=...)``: the adapted model has the new
+    vocabulary, every weight but the gene table is the model's, and it saves and loads
+    back; a new vocabulary without train_vocab_only is refused."""
+    m = model("tiny-base")
+    folder, _ = other_vocabulary(tmp_path)
+    with pytest.raises(ConfigError, match="needs train_vocab_only=True"):
+        m.adapt(pbmc, gene_mappings=folder)
+    adapted = m.adapt(
+        pbmc, max_steps=3, batch_size=16, max_tokens=64, train_vocab_only=True, gene_mappings=folder
+    )
+    mine = adapted.model.mappings["hsapiens"]
+    assert mine.path == folder / "hsapiens.csv"
+    a, b = adapted.model.module.state_dict(), m.model.module.state_dict()
+    key = "net.genes.learnable.hsapiens.weight"
+    assert a[key].shape[0] == mine.size != b[key].shape[0]
+    assert all(torch.equal(a[k], b[k]) for k in set(b) - {key})
+    again = Concept.from_pretrained(adapted.save(tmp_path / "saved"))
+    z = adapted.embed(pbmc, precision="32")
+    np.testing.assert_allclose(again.embed(pbmc, precision="32"), z, atol=1e-6)
