@@ -167,7 +167,9 @@ def registry_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
                 f"{species}]"
             )
             return path
-        reason, attrs = store_problem(path, species, mappings[species], cfg.datamodule.precomp_embs_key)
+        reason, attrs = store_problem(
+            path, species, mappings[species], cfg.datamodule.precomp_embs_key
+        )
         if not reason and store_fingerprint(attrs) != member["fingerprint"]:
             reason = f"{path}: not the version the registry holds (compiled since, unregistered)"
         if reason:

@@ -2,8 +2,14 @@
 
 Each compiled store ``<storage_root>/<source_name>/<name>.zarr`` becomes one LaminDB artifact
 (key ``compiled/<source_name>/<name>.zarr``; ``<name>`` may contain folders, see
-``concept.splits``) annotated with a fixed set of features, and each
-split becomes a LaminDB collection of the current artifacts.
+``concept.splits``) annotated with a fixed set of features, and each split section becomes a
+LaminDB collection of the current artifacts, key ``compiled/<source_name>_<species>/<section>``
+(:func:`collection_key`), its members in the split's order. Training reads a collection back
+with :func:`resolve_collections` (``datamodule.collection=<key>``).
+
+Speed: registering or resolving any number of stores costs a constant number of queries (keys
+in chunks of ``_QUERY_CHUNK``), plus one insert per new artifact; feature values are written
+in bulk. 1,000 stores take seconds (``benchmarks/registry.py``).
 
 The instance is local and offline: SQLite, storage root = the compiled root, settings and cache
 under ``lamin_root``. All lamindb work runs in a child process (``python -m preprocess.registry
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import numbers
 import os
@@ -332,6 +339,12 @@ def _validate_collections(collections: dict[str, list[str]]) -> dict[str, list[s
 
 
 def _run_child(lamin_root: str | Path, storage_root: Path, request: dict, timeout_s: float):
+    if importlib.util.find_spec("lamindb") is None:  # no import: the check costs nothing
+        raise RuntimeError(
+            f"LaminDB ({request['op']}) needs lamindb, which {sys.executable} does not have: "
+            "pip install lamindb, or do without the registry (compile.register=false; train "
+            "from the splits instead of datamodule.collection)"
+        )
     lamin_dir = Path(lamin_root).expanduser().resolve()
     lamin_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
