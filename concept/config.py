@@ -293,6 +293,8 @@ class DataModuleConfig:
     gene_sampling_strategy: str = "top-nonzero"
     model_speed_sanity_check: bool = False
     precomp_embs_key: str | None = None
+    # new: train from LaminDB collection key(s) instead of the splits (a key or a list)
+    collection: Any = None
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     dataset: DatasetsConfig = field(default_factory=DatasetsConfig)
     dataloader: DataLoadersConfig = field(default_factory=DataLoadersConfig)
@@ -302,6 +304,17 @@ class DataModuleConfig:
         _check_choice(
             "datamodule.gene_sampling_strategy", self.gene_sampling_strategy, GENE_SAMPLING
         )
+        if isinstance(self.collection, str):
+            self.collection = [self.collection]
+        if self.collection is not None and (
+            not isinstance(self.collection, list)
+            or not self.collection
+            or not all(isinstance(k, str) and k for k in self.collection)
+        ):
+            raise ConfigError(
+                f"datamodule.collection={self.collection!r}: expected a collection key such as "
+                "compiled/<source_name>_<species>/train, or a list of keys"
+            )
         missing = set(self.dataset.val) ^ set(self.dataloader.val)
         if missing:
             raise ConfigError(

@@ -123,6 +123,82 @@ def resolve_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
     return stores
 
 
+def val_collection_key(train_key: str) -> str | None:
+    """The collection the validation loaders read beside a train collection: the val
+    section of the same split (``.../train`` -> ``.../val``); None for another key."""
+    return train_key.removesuffix("/train") + "/val" if train_key.endswith("/train") else None
+
+
+def registry_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
+    """The stores of ``datamodule.collection``, resolved through LaminDB (one child
+    process; no split config and no source file read), each checked from its own
+    metadata as :func:`resolve_stores` checks a split's stores, and against the version
+    the registry holds.
+
+    Every validation loader reads the val collections of the same splits
+    (:func:`val_collection_key`); none registered: no validation.
+
+    Raises
+    ------
+    preprocess.registry.UnknownCollectionError
+        A key of ``datamodule.collection`` is not registered (the message lists those that
+        are).
+    StaleStoreError
+        A registered store is missing, unusable, of a species not in
+        ``datamodule.species``, or not the registered version; the message names each
+        with its collection and the compile command.
+    """
+    from preprocess.registry import resolve_collections, store_fingerprint
+
+    train_keys = list(cfg.datamodule.collection)
+    val_keys = [k for k in map(val_collection_key, train_keys) if k is not None]
+    members = resolve_collections(
+        cfg.PATH.LAMIN_ROOT, cfg.PATH.COMPILED_ROOT, train_keys, optional=val_keys
+    )
+    problems: list[str] = []
+
+    def checked(collection: str, member: dict) -> Path:
+        path, species = Path(member["path"]), member["features"].get("species")
+        where = f"(registered as {member['key']} in collection {collection})"
+        if species not in mappings:
+            problems.append(
+                f"{path} {where}: species {species!r} is not in datamodule.species "
+                f"{sorted(mappings)}: add it, e.g. datamodule.species=[{','.join(mappings)},"
+                f"{species}]"
+            )
+            return path
+        reason, attrs = store_problem(
+            path, species, mappings[species], cfg.datamodule.precomp_embs_key
+        )
+        if not reason and store_fingerprint(attrs) != member["fingerprint"]:
+            reason = f"{path}: not the version the registry holds (compiled since, unregistered)"
+        if reason:
+            missing = " (not on disk)" if attrs is None and not path.exists() else ""
+            problems.append(f"{reason}{missing} {where}\nrun: {rebuild_command(cfg, attrs)}")
+        return path
+
+    train = [checked(k, m) for k in train_keys for m in members[k]]
+    val = [checked(k, m) for k in val_keys if k in members for m in members[k]]
+    if problems:
+        raise StaleStoreError("\n".join(problems))
+    return Stores(train=train, val={name: val for name in cfg.datamodule.dataset.val})
+
+
+def on_rank_zero(trainer, fn):
+    """``fn()`` on global rank 0 only, its result (or the exception it raised) on every rank,
+    so that all ranks stop together and no rank repeats rank 0's work."""
+    outcome = None
+    if trainer.is_global_zero:
+        try:
+            outcome = (fn(), None)
+        except Exception as e:  # every rank raises it below, rank 0 included
+            outcome = (None, e)
+    value, error = trainer.strategy.broadcast(outcome, src=0)
+    if error is not None:
+        raise error
+    return value
+
+
 # --- PATH.LOCAL_DIR: stores copied to node-local disk ------------------------------------
 
 
@@ -185,15 +261,20 @@ def view_spec(cfg: Config, view: ViewConfig, train: bool, seed: int) -> ViewSpec
 class TokenDataModule(L.LightningDataModule):
     """Train and validation TokenLoaders over compiled stores.
 
-    The train loader's position is saved in checkpoints by Lightning (the loader has
+    ``stores`` None: those of ``datamodule.collection``, resolved in :meth:`setup`
+    (:func:`registry_stores`). The train loader's position is saved in checkpoints by Lightning (the loader has
     ``state_dict``/``load_state_dict``), so a resumed run continues mid-epoch exactly.
     """
 
     def __init__(
-        self, cfg: Config, stores: Stores, mappings: dict[str, TokenMapping], seed: int = 42
+        self,
+        cfg: Config,
+        stores: Stores | None,
+        mappings: dict[str, TokenMapping],
+        seed: int = 42,
     ):
         super().__init__()
-        self.cfg, self.stores, self.seed = cfg, stores, seed
+        self.cfg, self.stores, self.mappings, self.seed = cfg, stores, mappings, seed
         self.vocab = max(m.size for m in mappings.values())
         dm = cfg.datamodule
         self.panels = {}
@@ -212,17 +293,19 @@ class TokenDataModule(L.LightningDataModule):
                         f"true (the reference asserts it: batches are shuffled and always full)"
                     )
         self._train: TokenLoader | None = None
-        self._sources_checked = False
+        self._resolved = False
 
     def setup(self, stage: str) -> None:
-        """Rank 0 checks the stores against their sources (when present); every rank gets
-        the verdict, so all stop together on a stale store."""
-        if self._sources_checked:
+        """Rank 0 resolves ``datamodule.collection`` through the registry (when set) or else
+        checks the stores against their sources (when present); every rank gets the
+        outcome, so all stop together on a stale store and the registry is asked once."""
+        if self._resolved:
             return
         trainer = self.trainer
-        reason = source_problems(self.cfg, self.stores.sources) if trainer.is_global_zero else None
-        reason = trainer.strategy.broadcast(reason, src=0)
-        self._sources_checked = True
+        if self.stores is None:
+            self.stores = on_rank_zero(trainer, lambda: registry_stores(self.cfg, self.mappings))
+        reason = on_rank_zero(trainer, lambda: source_problems(self.cfg, self.stores.sources))
+        self._resolved = True
         if reason:
             raise StaleStoreError(reason)
         local = self.cfg.PATH.LOCAL_DIR
@@ -294,6 +377,9 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[TokenLoader]:
         dm = self.cfg.datamodule
+        if self.val_names and not any(self.stores.val.values()):
+            log.warning("no validation store (no val collection registered): no validation")
+            return []
         loaders = []
         for i, name in enumerate(self.val_names):
             spec = view_spec(self.cfg, dm.dataset.val[name], train=False, seed=1000 + i)

@@ -1,7 +1,8 @@
 """``python -m concept.train PATH.PROJECT_PATH=P [dotted overrides]``: contrastive pre-training.
 
-Resolves the splits to compiled stores (a missing or stale store is an error that prints
-the compile command), builds the data module, the model and a Lightning Trainer, and
+Resolves the splits to compiled stores, or ``datamodule.collection=<key>`` to the stores of
+a LaminDB collection (a missing or stale store is an error that prints the compile command),
+builds the data module, the model and a Lightning Trainer, and
 fits. Run folder: ``PATH.CHECKPOINT_ROOT/<run_id>/`` with ``config.yaml``, ``metrics.csv``,
 ``steps/`` and ``latest/`` (``last.ckpt``). Resume with ``initialize.resume=true
 initialize.run_id=ID initialize.checkpoint=latest/last.ckpt``. Continue pre-training from a
@@ -221,7 +222,8 @@ def train(cfg: Config, overrides: list[str] | None = None) -> dict:
         start = pretrained_model.with_vocabulary(start, mappings, vectors)
     elif start is not None:
         pretrained_model.check_same_vocabulary(mappings, start)
-    stores = resolve_stores(cfg, mappings)
+    # datamodule.collection: resolved through the registry by rank 0 in the data module's setup
+    stores = None if cfg.datamodule.collection else resolve_stores(cfg, mappings)
     pretrained = load_pretrained(cfg, mappings) if start is None else start.pretrained_tables()
     data = TokenDataModule(cfg, stores, mappings, seed=SEED)
     module = ContrastiveModule(

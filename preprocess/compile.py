@@ -141,16 +141,27 @@ def print_report(reports: list[FileReport]) -> None:
     print(f"{n['compiled']} compiled, {n['skipped']} skipped, {n['failed']} failed")
 
 
-def register(cfg: Config, jobs: list[FileJob], reports: list[FileReport]) -> None:
-    """Register finished stores and one collection per split section in LaminDB."""
-    from preprocess.registry import StoreRecord, register_stores
+def register(cfg: Config, jobs: list[FileJob], reports: list[FileReport]) -> dict:
+    """Register finished stores and one collection per split section in LaminDB
+    (:func:`preprocess.registry.collection_key`); returns the registry's summary (empty
+    when no store finished).
 
-    records, collections = [], {}
+    A collection lists the configured files of its section in the split's order: the
+    stores this run finished, and the others (of other shards, ``compile.num_shards``, or
+    failed here) when registered already, so the last shard to finish completes it.
+    """
+    from preprocess.registry import (
+        StoreRecord,
+        collection_key,
+        register_stores,
+        store_fingerprint,
+    )
+
+    records = []
     for j, r in zip(jobs, reports, strict=True):
         if r.status == "failed":
             continue
         attrs = read_attrs(j.out)
-        key = store_key(j.source_name, j.name)
         features = {
             "species": j.species,
             "split": j.section,
@@ -160,12 +171,21 @@ def register(cfg: Config, jobs: list[FileJob], reports: list[FileReport]) -> Non
             "format_version": attrs["format_version"],
             "vocab_sha256": attrs["vocab_sha256"],
         }
-        fingerprint = attrs["source_fingerprint"] + attrs["vocab_sha256"] + attrs["created_at"]
-        records.append(StoreRecord(j.out, key, features, fingerprint))
-        collections.setdefault(f"compiled/{j.source_name}_{j.species}/{j.section}", []).append(key)
-    if records:
-        summary = register_stores(cfg.PATH.LAMIN_ROOT, cfg.PATH.COMPILED_ROOT, records, collections)
-        log.info("LaminDB: %s", summary)
+        key = store_key(j.source_name, j.name)
+        records.append(StoreRecord(j.out, key, features, store_fingerprint(attrs)))
+    if not records:
+        return {}
+    collections: dict[str, list[str]] = {}
+    for f in configured_files(cfg, tuple(cfg.compile.splits)):
+        coll = collection_key(f.source_name, f.species, f.section)
+        collections.setdefault(coll, []).append(store_key(f.source_name, f.stem))
+    finished = {record.key for record in records}
+    optional = [k for keys in collections.values() for k in keys if k not in finished]
+    summary = register_stores(
+        cfg.PATH.LAMIN_ROOT, cfg.PATH.COMPILED_ROOT, records, collections, optional
+    )
+    log.info("LaminDB: %s", summary)
+    return summary
 
 
 def check_output_folders(cfg: Config, jobs: list[FileJob]) -> None:

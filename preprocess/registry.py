@@ -2,8 +2,14 @@
 
 Each compiled store ``<storage_root>/<source_name>/<name>.zarr`` becomes one LaminDB artifact
 (key ``compiled/<source_name>/<name>.zarr``; ``<name>`` may contain folders, see
-``concept.splits``) annotated with a fixed set of features, and each
-split becomes a LaminDB collection of the current artifacts.
+``concept.splits``) annotated with a fixed set of features, and each split section becomes a
+LaminDB collection of the current artifacts, key ``compiled/<source_name>_<species>/<section>``
+(:func:`collection_key`), its members in the split's order. Training reads a collection back
+with :func:`resolve_collections` (``datamodule.collection=<key>``).
+
+Speed: registering or resolving any number of stores costs a constant number of queries (keys
+in chunks of ``_QUERY_CHUNK``), plus one insert per new artifact; feature values are written
+in bulk. 1,000 stores take seconds (``benchmarks/registry.py``).
 
 The instance is local and offline: SQLite, storage root = the compiled root, settings and cache
 under ``lamin_root``. All lamindb work runs in a child process (``python -m preprocess.registry
@@ -36,12 +42,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import numbers
 import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +68,8 @@ FEATURE_DTYPES: dict[str, type] = {
 HASH_TYPE = "concept-store-fingerprint"
 _DESCRIPTION_PREFIX = "compiled Zarr store; fingerprint="
 _STDERR_TAIL_LINES = 40
+# Keys per ``__in`` query: below SQLite's limit on bound variables.
+_QUERY_CHUNK = 900
 # The child is started as ``-m preprocess.registry``, which needs the project root importable
 # whatever the caller's working directory is.
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -88,17 +98,32 @@ class StoreRecord:
     fingerprint: str
 
 
+def collection_key(source_name: str, species: str, section: str) -> str:
+    """The key of the collection of one split section's stores,
+    ``"compiled/<source_name>_<species>/<section>"`` (e.g.
+    ``compiled/synth_cxg_hsapiens/train``): the value of ``datamodule.collection``."""
+    return f"compiled/{source_name}_{species}/{section}"
+
+
+def store_fingerprint(attrs: dict) -> str:
+    """A store's content version from its root attributes: what the registry records
+    (a new value makes a new artifact version) and what a resolved store must still have."""
+    return attrs["source_fingerprint"] + attrs["vocab_sha256"] + attrs["created_at"]
+
+
 def register_stores(
     lamin_root: str | Path,
     storage_root: str | Path,
     stores: list[StoreRecord],
     collections: dict[str, list[str]],
+    optional_members: list[str] = (),
     timeout_s: float = 1800.0,
 ) -> dict:
     """Register stores as artifacts and splits as collections; idempotent.
 
     The instance is created on first use and connected to afterwards. Inputs are validated
-    before lamindb is started, so a bad path never reaches it.
+    before lamindb is started, so a bad path never reaches it. A constant number of queries
+    serves any number of stores (one insert per new artifact): 1,000 stores take seconds.
 
     Parameters
     ----------
@@ -109,8 +134,12 @@ def register_stores(
     stores
         Stores to register; keys must be unique.
     collections
-        Collection key (e.g. ``"compiled/train"``) -> artifact keys. Keys may refer to stores
-        registered by an earlier call.
+        Collection key (e.g. ``"compiled/train"``) -> artifact keys, in the order the
+        collection keeps. Keys may refer to stores registered by an earlier call.
+    optional_members
+        Artifact keys of ``collections`` that join a collection when registered and are
+        left out otherwise (the stores of other compile shards, which may not be built
+        yet); a collection without any registered member is not created.
     timeout_s
         Limit for the child process in seconds.
 
@@ -130,13 +159,14 @@ def register_stores(
     """
     root = _resolve_storage_root(storage_root)
     keys = [store.key for store in stores]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    duplicates = sorted(key for key, n in Counter(keys).items() if n > 1)
     if duplicates:
         raise ValueError(f"duplicate store keys: {duplicates}")
     request = {
         "op": "register",
         "stores": [_validate_store(store, root) for store in stores],
         "collections": _validate_collections(collections),
+        "optional_members": [str(key) for key in optional_members],
     }
     return _run_child(lamin_root, root, request, timeout_s)
 
@@ -174,6 +204,67 @@ def lookup_stores(
     root = _resolve_storage_root(storage_root)
     request = {"op": "lookup", "keys": [str(key) for key in keys]}
     return _run_child(lamin_root, root, request, timeout_s)
+
+
+class UnknownCollectionError(KeyError):
+    """A collection key that the registry does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def resolve_collections(
+    lamin_root: str | Path,
+    storage_root: str | Path,
+    keys: list[str],
+    optional: list[str] = (),
+    timeout_s: float = 600.0,
+) -> dict[str, list[dict]]:
+    """The member stores of the latest version of each collection, in the order they were
+    first registered in (the split's order), in one child process.
+
+    Parameters
+    ----------
+    lamin_root
+        Directory for the instance's settings and cache.
+    storage_root
+        The instance's storage root.
+    keys
+        Collection keys (:func:`collection_key`).
+    optional
+        More collection keys, resolved when registered and left out otherwise.
+    timeout_s
+        Limit for the child process in seconds.
+
+    Returns
+    -------
+    dict
+        Collection key (of ``keys``, and of ``optional`` when registered) -> members, each
+        ``{"key", "path", "fingerprint", "features"}``
+        (``features`` as registered: species, split, source_name, n_cells, ...).
+
+    Raises
+    ------
+    UnknownCollectionError
+        A key is not registered; the message lists the keys that are.
+    RuntimeError
+        The lamindb child process failed or timed out.
+    """
+    root = _resolve_storage_root(storage_root)
+    request = {
+        "op": "collections",
+        "keys": [str(key) for key in keys],
+        "optional": [str(key) for key in optional],
+    }
+    result = _run_child(lamin_root, root, request, timeout_s)
+    if "unknown" in result:
+        existing = "\n  ".join(result["existing"]) or "(none: compile with compile.register=true)"
+        raise UnknownCollectionError(
+            f"no LaminDB collection {', '.join(map(repr, result['unknown']))} in the instance "
+            f"under {Path(lamin_root).expanduser().resolve()}; registered collections:\n  "
+            f"{existing}"
+        )
+    return result["members"]
 
 
 # --------------------------------------------------------------------------- parent side
@@ -248,6 +339,12 @@ def _validate_collections(collections: dict[str, list[str]]) -> dict[str, list[s
 
 
 def _run_child(lamin_root: str | Path, storage_root: Path, request: dict, timeout_s: float):
+    if importlib.util.find_spec("lamindb") is None:  # no import: the check costs nothing
+        raise RuntimeError(
+            f"LaminDB ({request['op']}) needs lamindb, which {sys.executable} does not have: "
+            "pip install lamindb, or do without the registry (compile.register=false; train "
+            "from the splits instead of datamodule.collection)"
+        )
     lamin_dir = Path(lamin_root).expanduser().resolve()
     lamin_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -333,16 +430,82 @@ def _dir_stats(path: Path) -> tuple[int, int]:
     return size, n_files
 
 
-def _ensure_features(ln) -> None:
+def _ensure_features(ln) -> dict:
+    """The features of ``FEATURE_DTYPES`` by name, created when missing."""
+    existing = {f.name: f for f in ln.Feature.filter(name__in=list(FEATURE_DTYPES))}
     for name, dtype in FEATURE_DTYPES.items():
-        feature = ln.Feature.filter(name=name).one_or_none()
+        feature = existing.get(name)
         if feature is None:
-            ln.Feature(name=name, dtype=dtype).save()
+            existing[name] = ln.Feature(name=name, dtype=dtype).save()
         elif feature.dtype_as_str != dtype.__name__:
             raise RuntimeError(
                 f"feature {name!r} exists with dtype {feature.dtype_as_str!r}, "
                 f"expected {dtype.__name__!r}"
             )
+    return existing
+
+
+def _chunks(items: list, size: int = _QUERY_CHUNK):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _feature_values(ln, features: dict, artifact_ids: list[int]) -> dict[int, dict]:
+    """Artifact id -> its values of our features, in one query per chunk of artifacts."""
+    from lamindb.models import ArtifactJsonValue
+
+    values: dict[int, dict] = {i: {} for i in artifact_ids}
+    for ids in _chunks(artifact_ids):
+        rows = ArtifactJsonValue.objects.filter(
+            artifact_id__in=ids, jsonvalue__feature__in=list(features.values())
+        ).values_list("artifact_id", "jsonvalue__feature__name", "jsonvalue__value")
+        for artifact_id, name, value in rows:
+            values[artifact_id][name] = value
+    return values
+
+
+def _set_feature_values(ln, features: dict, annotations: dict[int, dict]) -> None:
+    """Replace our features' values of many artifacts (artifact id -> values) in bulk.
+
+    What ``artifact.features.set_values`` stores for plain ``str``/``int`` features, one
+    ``JsonValue`` per (feature, value hash) and one ``ArtifactJsonValue`` link per artifact
+    and feature, without its per-artifact validation queries (about 70 ms an artifact).
+    """
+    from lamindb.models import ArtifactJsonValue, JsonValue
+    from lamindb_setup.core.hashing import hash_string
+
+    ids = list(annotations)
+    wanted = {
+        (features[name].id, hash_string(str(value))): value
+        for values in annotations.values()
+        for name, value in values.items()
+    }
+    known: dict[tuple[int, str], int] = {}
+    for pairs in _chunks(list(wanted)):
+        rows = JsonValue.objects.filter(
+            feature_id__in={f for f, _ in pairs}, hash__in=[h for _, h in pairs]
+        ).values_list("feature_id", "hash", "id")
+        known.update({(f, h): i for f, h, i in rows})
+    new = [
+        JsonValue(feature_id=f, hash=h, value=value)
+        for (f, h), value in wanted.items()
+        if (f, h) not in known
+    ]
+    JsonValue.objects.bulk_create(new, batch_size=_QUERY_CHUNK)
+    known.update({(v.feature_id, v.hash): v.id for v in new})
+    for chunk in _chunks(ids):
+        ArtifactJsonValue.objects.filter(
+            artifact_id__in=chunk, jsonvalue__feature__in=list(features.values())
+        ).delete()
+    links = [
+        ArtifactJsonValue(
+            artifact_id=artifact_id,
+            jsonvalue_id=known[(features[name].id, hash_string(str(value)))],
+        )
+        for artifact_id, values in annotations.items()
+        for name, value in values.items()
+    ]
+    ArtifactJsonValue.objects.bulk_create(links, batch_size=_QUERY_CHUNK)
 
 
 def _make_latest(model, record, current) -> None:
@@ -353,40 +516,86 @@ def _make_latest(model, record, current) -> None:
     record.refresh_from_db()
 
 
-def _register_artifact(ln, store: dict, storage_record) -> str:
-    key, features = store["key"], store["features"]
-    expected_hash = _pseudo_hash(key, store["relpath"], store["fingerprint"])
-    versions = list(ln.Artifact.filter(key=key, storage=storage_record).order_by("-created_at"))
-    latest = next((artifact for artifact in versions if artifact.is_latest), None)
-    same = next((artifact for artifact in versions if artifact.hash == expected_hash), None)
-    if same is not None:
-        status = "unchanged"
+def _versions(ln, keys: list[str], storage_record) -> dict[str, list]:
+    """Key -> all artifact versions of that key in our storage, newest first."""
+    out: dict[str, list] = {key: [] for key in keys}
+    for chunk in _chunks(keys):
+        query = ln.Artifact.filter(key__in=chunk, storage=storage_record).order_by("-created_at")
+        for artifact in query:
+            out[artifact.key].append(artifact)
+    return out
+
+
+def _register_artifacts(ln, stores: list[dict], storage_record, features: dict) -> dict:
+    """Register every store with a constant number of queries (plus one insert each new
+    artifact); returns the number of stores per outcome."""
+    versions = _versions(ln, [store["key"] for store in stores], storage_record)
+    status: dict[str, str] = {}
+    current: dict[int, dict] = {}  # artifact id -> features, of the unchanged versions
+    new, new_features = [], []
+    for store in stores:
+        key = store["key"]
+        expected = _pseudo_hash(key, store["relpath"], store["fingerprint"])
+        latest = next((a for a in versions[key] if a.is_latest), None)
+        same = next((a for a in versions[key] if a.hash == expected), None)
+        if same is None:
+            size, n_files = _dir_stats(Path(store["path"]))
+            new.append(
+                ln.Artifact(
+                    store["path"],
+                    key=key,
+                    description=_DESCRIPTION_PREFIX + store["fingerprint"],
+                    revises=latest,
+                    storage=storage_record,
+                    skip_hash_lookup=True,  # the versions of the key were queried above
+                    # Any otype skips lamindb's probe for AnnData/MuData/SpatialData (three
+                    # zarr opens, 8 ms an artifact); a token store is none, so it is reset
+                    # to None below, what the probe would give.
+                    otype="",
+                    # Precomputed stats stop lamindb from hashing every byte of the store.
+                    _stats={
+                        "size": size,
+                        "n_files": n_files,
+                        "hash": expected,
+                        "hash_type": HASH_TYPE,
+                    },
+                )
+            )
+            new_features.append(store["features"])
+            status[key] = "created" if latest is None else "updated"
+            continue
+        status[key] = "unchanged"
         if not same.is_latest:
             _make_latest(ln.Artifact, same, latest)
-            status = "updated"
-        if same.features.get_values(external_only=True) != features:
-            same.features.set_values(features)
-            status = "updated"
-        return status
-    size, n_files = _dir_stats(Path(store["path"]))
-    artifact = ln.Artifact(
-        store["path"],
-        key=key,
-        description=_DESCRIPTION_PREFIX + store["fingerprint"],
-        features=features,
-        revises=latest,
-        # Precomputed stats stop lamindb from hashing every byte of the store.
-        _stats={"size": size, "n_files": n_files, "hash": expected_hash, "hash_type": HASH_TYPE},
-    )
-    artifact.save()
-    return "created" if latest is None else "updated"
+            status[key] = "updated"
+        current[same.id] = store
+    for artifact in new:
+        artifact.otype = None
+    if new:
+        ln.save(new)
+    stale = {}
+    for artifact_id, values in _feature_values(ln, features, list(current)).items():
+        store = current[artifact_id]
+        if values != store["features"]:  # e.g. a store moved to another split
+            stale[artifact_id] = store["features"]
+            status[store["key"]] = "updated"
+    annotations = {a.id: f for a, f in zip(new, new_features, strict=True)} | stale
+    if annotations:
+        _set_feature_values(ln, features, annotations)
+    return {s: sum(v == s for v in status.values()) for s in ("created", "unchanged", "updated")}
 
 
-def _register_collection(ln, key: str, artifact_keys: list[str]) -> str:
-    artifacts = list(ln.Artifact.filter(key__in=artifact_keys, is_latest=True))
-    missing = sorted(set(artifact_keys) - {artifact.key for artifact in artifacts})
+def _register_collection(ln, key: str, artifact_keys: list[str], optional: set[str]) -> str:
+    order = {artifact_key: i for i, artifact_key in enumerate(artifact_keys)}
+    artifacts = []
+    for chunk in _chunks(artifact_keys):
+        artifacts += list(ln.Artifact.filter(key__in=chunk, is_latest=True))
+    artifacts.sort(key=lambda artifact: order[artifact.key])  # the members' order is kept
+    missing = sorted(set(artifact_keys) - optional - {artifact.key for artifact in artifacts})
     if missing:
         raise ValueError(f"collection {key!r} refers to unregistered artifact keys: {missing}")
+    if not artifacts:  # only optional members, none registered yet
+        return "skipped"
     wanted = {artifact.id for artifact in artifacts}
     versions = list(ln.Collection.filter(key=key).order_by("-created_at"))
     latest = next((collection for collection in versions if collection.is_latest), None)
@@ -407,25 +616,60 @@ def _register(ln, request: dict) -> dict:
     from django.db import transaction
 
     storage_record = ln.setup.settings.storage.record
-    summary = {f"artifacts_{s}": 0 for s in ("created", "unchanged", "updated")}
-    summary.update({f"collections_{s}": 0 for s in ("created", "unchanged", "updated")})
+    summary = {f"collections_{s}": 0 for s in ("created", "unchanged", "updated", "skipped")}
     # One transaction: a failure leaves the registry as it was rather than half-updated.
     with transaction.atomic():
-        _ensure_features(ln)
-        for store in request["stores"]:
-            summary["artifacts_" + _register_artifact(ln, store, storage_record)] += 1
+        features = _ensure_features(ln)
+        counts = _register_artifacts(ln, request["stores"], storage_record, features)
+        optional = set(request["optional_members"])
         for key, artifact_keys in request["collections"].items():
-            summary["collections_" + _register_collection(ln, key, artifact_keys)] += 1
-    summary["collections"] = len(request["collections"])
+            summary["collections_" + _register_collection(ln, key, artifact_keys, optional)] += 1
+    summary = {f"artifacts_{s}": n for s, n in counts.items()} | summary
+    summary["collections"] = len(request["collections"]) - summary.pop("collections_skipped")
     return summary
 
 
+def _artifact_path(artifact) -> str:
+    """The local path of an artifact registered in place (lamindb's own storage key rule;
+    ``artifact.path`` would look the storage up once per artifact)."""
+    from lamindb.core.storage.paths import auto_storage_key_from_artifact
+
+    return str(Path(artifact.storage.root) / auto_storage_key_from_artifact(artifact))
+
+
 def _lookup(ln, request: dict) -> dict[str, str | None]:
-    found = {
-        artifact.key: str(artifact.path)
-        for artifact in ln.Artifact.filter(key__in=request["keys"], is_latest=True)
-    }
+    found = {}
+    for chunk in _chunks(request["keys"]):
+        query = ln.Artifact.filter(key__in=chunk, is_latest=True).select_related("storage")
+        found.update({artifact.key: _artifact_path(artifact) for artifact in query})
     return {key: found.get(key) for key in request["keys"]}
+
+
+def _collections(ln, request: dict) -> dict:
+    """Members of the latest version of each collection key, in the order they were
+    registered in (the split's), or the unknown keys with the keys that exist."""
+    keys = request["keys"]
+    wanted = [*keys, *request["optional"]]
+    collections = {c.key: c for c in ln.Collection.filter(key__in=wanted, is_latest=True)}
+    unknown = [key for key in keys if key not in collections]
+    if unknown:
+        existing = ln.Collection.filter(is_latest=True).values_list("key", flat=True)
+        return {"unknown": unknown, "existing": sorted(existing)}
+    features = {f.name: f for f in ln.Feature.filter(name__in=list(FEATURE_DTYPES))}
+    members: dict[str, list[dict]] = {}
+    for key, collection in collections.items():
+        artifacts = list(collection.ordered_artifacts.select_related("storage"))
+        values = _feature_values(ln, features, [artifact.id for artifact in artifacts])
+        members[key] = [
+            {
+                "key": artifact.key,
+                "path": _artifact_path(artifact),
+                "fingerprint": (artifact.description or "").removeprefix(_DESCRIPTION_PREFIX),
+                "features": values[artifact.id],
+            }
+            for artifact in artifacts
+        ]
+    return {"members": members}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     request = json.loads(Path(args[0]).read_text())
     ln = _connect(Path(request["lamin_root"]), Path(request["storage_root"]))
-    handlers = {"register": _register, "lookup": _lookup}
+    handlers = {"register": _register, "lookup": _lookup, "collections": _collections}
     result = handlers[request["op"]](ln, request)
     Path(request["result_path"]).write_text(json.dumps(result))
     return 0

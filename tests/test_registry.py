@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,193 @@ def test_non_zarr_directory_is_rejected(tmp_path):
     Path(record.path).mkdir(parents=True)
     with pytest.raises(ValueError, match="not a Zarr v3 directory store"):
         _register(tmp_path, [record], {})
+
+
+# --- compile registers, training resolves ------------------------------------------------
+
+HUMAN_TRAIN = ["hs_csr_a", "hs_raw_b", "hs_csc_c", "hs_dense_d"]  # the split's order
+TRAIN_KEY = "compiled/synth_cxg_hsapiens/train"
+VAL_LOADERS = ("same_as_train", "within_P200_B256", "within_P800_B256", "within_P6400_B256")
+NO_SPLITS = [  # nothing from the split configs: the registry names every store
+    "datamodule.dataset.train.split=[]",
+    *(f"datamodule.dataset.val.{name}.split=[]" for name in VAL_LOADERS),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled_registered(synth_project, tmp_path_factory) -> Path:
+    """Both species compiled and registered in two compile shards (read-only)."""
+    from conftest import config
+
+    from preprocess.compile import run
+
+    project = tmp_path_factory.mktemp("registered") / "project"
+    shutil.copytree(synth_project, project)
+    for shard in (0, 1):  # each shard registers its stores; the last completes the collections
+        overrides = [
+            "datamodule=DataModuleSynthMultiSpecies",
+            "compile.register=true",
+            "compile.workers=1",
+            "compile.num_shards=2",
+            f"compile.shard_index={shard}",
+        ]
+        assert run(config(project, *overrides)) == 0
+    return project
+
+
+def _train_cfg(project: Path, tmp_path: Path, *extra: str):
+    from test_train import _cfg
+
+    return _cfg(
+        project,
+        "model.training.max_steps=3",
+        "model.training.val_check_interval=3",
+        "model.training.log_every_n_steps=1",
+        f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
+        *extra,
+    )
+
+
+def test_collections_keep_the_split_order_across_shards(compiled_registered):
+    from preprocess.registry import resolve_collections
+
+    project = compiled_registered
+    keys = [TRAIN_KEY, "compiled/synth_cxg_mmusculus/train"]
+    members = resolve_collections(project / ".lamin", project / "compiled", keys)
+    assert [m["key"] for m in members[TRAIN_KEY]] == [
+        f"compiled/synth_cxg/{n}.zarr" for n in HUMAN_TRAIN
+    ]
+    assert [(m["key"], m["features"]["species"]) for m in members[keys[1]]] == [
+        ("compiled/synth_cxg/mm_csr_a.zarr", "mmusculus"),
+        ("compiled/synth_cxg/mm_raw_b.zarr", "mmusculus"),
+    ]
+    for m in members[TRAIN_KEY]:
+        assert m["path"] == str(project / "compiled" / m["key"].removeprefix("compiled/"))
+        assert m["features"]["split"] == "train" and m["features"]["n_cells"] > 0
+
+
+def test_training_from_a_collection_equals_training_from_the_splits(
+    compiled_registered, tmp_path, monkeypatch
+):
+    """datamodule.collection: the registered stores, in the split's order, with no split
+    config and no source file: the same losses and validation metrics as the splits."""
+    from test_train import _train_losses
+
+    import concept.datamodule as dm
+    from concept.train import train
+
+    project = compiled_registered
+    by_splits = train(_train_cfg(project, tmp_path, "wandb.run_name=splits"))
+    opened = []
+
+    class Recording(dm.TokenLoader):
+        def __init__(self, paths, *args, **kwargs):
+            opened.append([Path(p).name for p in paths])
+            super().__init__(paths, *args, **kwargs)
+
+    monkeypatch.setattr(dm, "TokenLoader", Recording)
+    (project / "data").rename(tmp_path / "data")  # only compiled/ and .lamin/ remain
+    try:
+        collection = [*NO_SPLITS, f"datamodule.collection={TRAIN_KEY}", "wandb.run_name=reg"]
+        by_registry = train(_train_cfg(project, tmp_path, *collection))
+    finally:
+        (tmp_path / "data").rename(project / "data")
+    assert opened[0] == [f"{n}.zarr" for n in HUMAN_TRAIN]
+    assert opened[1:] == [["hs_csr_e.zarr"]] * len(VAL_LOADERS)  # the split's val collection
+    runs = tmp_path / "runs"
+    assert _train_losses(runs / "reg") == _train_losses(runs / "splits")
+    assert sorted(_train_losses(runs / "reg")) == [0, 1, 2]
+    val = sorted(k for k in by_splits if k.startswith("val/"))
+    assert "val/within_P800_B256/recall@1" in val
+    assert {k: by_registry[k] for k in val} == {k: by_splits[k] for k in val}
+
+
+def test_collection_errors_name_the_problem_and_the_fix(compiled_registered, tmp_path):
+    from concept.datamodule import StaleStoreError
+    from concept.train import train
+    from preprocess.registry import UnknownCollectionError
+
+    project = compiled_registered
+
+    def attempt(key: str, *extra: str) -> str:
+        with pytest.raises((StaleStoreError, UnknownCollectionError)) as err:
+            train(_train_cfg(project, tmp_path, *NO_SPLITS, f"datamodule.collection={key}", *extra))
+        return str(err.value)
+
+    msg = attempt("compiled/synth_cxg_hsapiens/tran")
+    assert "no LaminDB collection 'compiled/synth_cxg_hsapiens/tran'" in msg
+    for key in (TRAIN_KEY, "compiled/synth_cxg_hsapiens/val", "compiled/synth_cxg_mmusculus/val"):
+        assert f"\n  {key}" in msg
+
+    msg = attempt("compiled/synth_cxg_mmusculus/train")
+    assert "species 'mmusculus' is not in datamodule.species ['hsapiens']" in msg
+
+    store = project / "compiled" / "synth_cxg" / "hs_raw_b.zarr"
+    store.rename(tmp_path / "moved.zarr")
+    try:
+        msg = attempt(TRAIN_KEY)
+    finally:
+        (tmp_path / "moved.zarr").rename(store)
+    assert f"{store}: not a token store (no zarr.json) (not on disk)" in msg
+    assert f"(registered as compiled/synth_cxg/hs_raw_b.zarr in collection {TRAIN_KEY})" in msg
+    assert f"run: python -m preprocess.compile PATH.PROJECT_PATH={project}" in msg
+    assert "hs_csr_a" not in msg  # only the missing store
+
+    meta = project / "compiled" / "synth_cxg" / "hs_csr_a.zarr" / "zarr.json"
+    saved = meta.read_bytes()
+    node = json.loads(saved)
+    node["attributes"]["created_at"] = "2000-01-01T00:00:00+00:00"  # compiled, not registered
+    meta.write_text(json.dumps(node))
+    try:
+        msg = attempt(TRAIN_KEY)
+    finally:
+        meta.write_bytes(saved)
+    assert "hs_csr_a.zarr: not the version the registry holds" in msg
+
+
+def test_adding_files_rebuilds_and_registers_only_those(synth_project, tmp_path, monkeypatch):
+    """Two files added to a compiled, registered split: only they are compiled and new
+    artifacts; the others are skipped and unchanged; the collection follows the split."""
+    import preprocess.compile as cli
+    from concept.config import load_config
+    from preprocess.registry import resolve_collections
+
+    project = tmp_path / "project"
+    shutil.copytree(synth_project, project)
+    conf = tmp_path / "conf" / "datamodule" / "split_cellxgene_hsapiens"
+    conf.mkdir(parents=True)
+    summaries = []
+    register = cli.register
+    monkeypatch.setattr(cli, "register", lambda *a: summaries.append(register(*a)) or {})
+
+    def compile_split(train_files: list[str]) -> dict[str, str]:
+        (conf / "split_inc.yaml").write_text(
+            "source_name: synth_cxg\nspecies: hsapiens\n"
+            "source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\n"
+            f"train: {json.dumps([f'{n}.h5ad' for n in train_files])}\nval: [hs_csr_e.h5ad]\n"
+        )
+        overrides = [
+            f"PATH.PROJECT_PATH={project}",
+            "datamodule/split_cellxgene_hsapiens=split_inc",
+            "compile.workers=1",
+        ]
+        assert cli.run(load_config(overrides, config_dir=tmp_path / "conf")) == 0
+        report = json.loads((project / "compiled" / "compile_report.json").read_text())
+        return {Path(f["file"]).stem: f["status"] for f in report["files"]}
+
+    assert set(compile_split(HUMAN_TRAIN[:2]).values()) == {"compiled"}
+    status = compile_split(HUMAN_TRAIN)
+    assert status == {
+        "hs_csr_a": "skipped",
+        "hs_raw_b": "skipped",
+        "hs_csc_c": "compiled",
+        "hs_dense_d": "compiled",
+        "hs_csr_e": "skipped",
+    }
+    assert summaries[1]["artifacts_created"] == 2 and summaries[1]["artifacts_unchanged"] == 3
+    assert (summaries[1]["collections_updated"], summaries[1]["collections_unchanged"]) == (1, 1)
+    members = resolve_collections(project / ".lamin", project / "compiled", [TRAIN_KEY])
+    assert [m["key"] for m in members[TRAIN_KEY]] == [
+        f"compiled/synth_cxg/{n}.zarr" for n in HUMAN_TRAIN
+    ]
+    assert len(_query(project)["artifacts"]) == 5
