@@ -418,6 +418,7 @@ class _FdPool:
     def __init__(self):
         self._lock = threading.Lock()
         self._open: OrderedDict[tuple[int, str], list[int]] = OrderedDict()  # [fd, users]
+        self._gone: list[int] = []  # owners whose descriptors are to be closed
 
     @contextmanager
     def open(self, owner: int, path: str) -> Iterator[int]:
@@ -426,9 +427,10 @@ class _FdPool:
         with self._lock:
             entry = self._open.pop(key, None)
             if entry is None:
+                self._close_gone()
                 entry = [os.open(path, os.O_RDONLY | os.O_CLOEXEC), 0]
                 excess = len(self._open) + 1 - _fd_capacity()
-                self._drop(itertools.islice(self._open, max(excess, 0)))
+                self._drop(list(itertools.islice(self._open, max(excess, 0))))
             entry[1] += 1
             self._open[key] = entry
         try:
@@ -439,25 +441,33 @@ class _FdPool:
                 if not entry[1] and self._open.get(key) is not entry:
                     os.close(entry[0])  # evicted or forgotten while in use
 
-    def _drop(self, keys) -> None:
-        for key in list(keys):
+    def _drop(self, keys: list) -> None:
+        for key in keys:
             fd, users = self._open.pop(key)
             if not users:
                 os.close(fd)
 
-    def forget(self, owner: int) -> None:
-        """Close an owner's descriptors (a store closed or garbage-collected)."""
-        with self._lock:
-            self._drop(k for k in list(self._open) if k[0] == owner)
+    def _close_gone(self) -> None:
+        while self._gone:
+            owner = self._gone.pop()
+            self._drop([k for k in self._open if k[0] == owner])
 
-    def count(self) -> int:
-        return len(self._open)
+    def forget(self, owner: int) -> None:
+        """Close an owner's descriptors at the next open (a store garbage-collected: a
+        finalizer may run while this thread holds the lock, so it must not take it)."""
+        self._gone.append(owner)
+
+    def close(self, owner: int) -> None:
+        """Close an owner's descriptors now (a store closed)."""
+        with self._lock:
+            self.forget(owner)
+            self._close_gone()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         for fd, _ in self._open.values():
             os.close(fd)
-        self._open = OrderedDict()
+        self._open, self._gone = OrderedDict(), []
 
 
 _FDS = _FdPool()
@@ -512,7 +522,7 @@ class _LocalFiles:
         return out
 
     def close(self) -> None:
-        _FDS.forget(self._owner)
+        _FDS.close(self._owner)
 
 
 class NotRaw(ValueError):
