@@ -696,7 +696,7 @@ def step_profile(args) -> dict:
     out = Path(args.out)
     loader = _token_loader(out, "raw")
     _, _, batches = loader.sampler.remaining()
-    reads = [loader.sampler.rank_slice(b) for b in batches]
+    reads = [loader.sampler.rank_slice(batches.batch(i)) for i in range(len(batches))]
     n = min(len(reads) - 30, args.batches)
     for r in reads[:20]:
         loader.read_batch(r)

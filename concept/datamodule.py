@@ -349,6 +349,7 @@ class TokenDataModule(L.LightningDataModule):
             plan_views=make_planner(spec, self.vocab, panels),
             in_memory=in_memory,
             embeddings_key=self.cfg.datamodule.precomp_embs_key,
+            rows=False,
         )
         for i in loader.sampler.dropped_stores:
             log.warning(

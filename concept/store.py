@@ -1,8 +1,9 @@
 """The token store format (version 1): names, dtypes, attributes, and a reader.
 
 One Zarr v3 group per compiled input file. The compiler in ``preprocess`` writes it,
-everything in ``concept`` reads it; both import the constants from here. The reader uses
-tensorstore and plain JSON, so it runs where only torch and tensorstore are installed.
+everything in ``concept`` reads it through :class:`TokenStore`; both import the constants
+from here. The reader uses plain JSON, raw byte reads, ``torch.from_file`` mappings and
+tensorstore (compressed stores), so it runs where only torch and tensorstore are installed.
 
 Layout (DESIGN.md section 5)::
 
@@ -19,9 +20,17 @@ Layout (DESIGN.md section 5)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
+import resource
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -367,11 +376,17 @@ def compile_command(attrs: dict, project_path: str | Path, base: dict | None = N
 
 def read_attrs(path: str | Path) -> dict:
     """Root attributes of a store (plain JSON read; raises StoreError when not a store)."""
-    meta = Path(path) / "zarr.json"
     try:
-        node = json.loads(meta.read_text())
+        text = (Path(path) / "zarr.json").read_text()
     except FileNotFoundError:
         raise StoreError(f"{path}: not a token store (no zarr.json)") from None
+    return _root_attrs(path, text)
+
+
+def _root_attrs(path, text: str) -> dict:
+    """The root attributes in a store's ``zarr.json`` text, checked."""
+    try:
+        node = json.loads(text)
     except json.JSONDecodeError as e:
         raise StoreError(f"{path}: unreadable zarr.json ({e})") from None
     attrs = node.get("attributes", {})
@@ -385,38 +400,433 @@ def read_attrs(path: str | Path) -> dict:
     return attrs
 
 
-def _open_array(path: Path):
-    import tensorstore as ts
+# --- reading ---------------------------------------------------------------------------
 
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
-    return ts.open(spec, open=True, read=True).result()
+_MAX_FDS = 256
+_MISSING = np.uint64(2**64 - 1)  # shard index entry of an inner chunk never written
+_owners = iter(range(1 << 62))  # a unique key per open store (ids of dead objects recur)
+
+
+def _fd_capacity() -> int:
+    """Descriptors the pool keeps open: 256, or a quarter of ``RLIMIT_NOFILE``'s soft limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _MAX_FDS if soft == resource.RLIM_INFINITY else max(min(_MAX_FDS, soft // 4), 4)
+
+
+class _FdPool:
+    """The process's open store files: one LRU of descriptors shared by every reader.
+
+    At most :func:`_fd_capacity` descriptors stay open, whatever the number of stores (a
+    store has a file per shard and per chunk). One evicted while a read uses it is
+    closed when that read ends. A forked child closes those it inherited and starts empty.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: OrderedDict[tuple[int, str], list[int]] = OrderedDict()  # [fd, users]
+        self._gone: list[int] = []  # owners whose descriptors are to be closed
+
+    @contextmanager
+    def open(self, owner: int, path: str) -> Iterator[int]:
+        """A read-only descriptor of ``path`` for the duration of the block."""
+        key = (owner, path)
+        with self._lock:
+            entry = self._open.pop(key, None)
+            if entry is None:
+                self._close_gone()
+                entry = [os.open(path, os.O_RDONLY | os.O_CLOEXEC), 0]
+                excess = len(self._open) + 1 - _fd_capacity()
+                self._drop(list(itertools.islice(self._open, max(excess, 0))))
+            entry[1] += 1
+            self._open[key] = entry
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1] and self._open.get(key) is not entry:
+                    os.close(entry[0])  # evicted or forgotten while in use
+
+    def _drop(self, keys: list) -> None:
+        for key in keys:
+            fd, users = self._open.pop(key)
+            if not users:
+                os.close(fd)
+
+    def _close_gone(self) -> None:
+        while self._gone:
+            owner = self._gone.pop()
+            self._drop([k for k in self._open if k[0] == owner])
+
+    def forget(self, owner: int) -> None:
+        """Close an owner's descriptors at the next open (a store garbage-collected: a
+        finalizer may run while this thread holds the lock, so it must not take it)."""
+        self._gone.append(owner)
+
+    def close(self, owner: int) -> None:
+        """Close an owner's descriptors now (a store closed)."""
+        with self._lock:
+            self.forget(owner)
+            self._close_gone()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        for fd, _ in self._open.values():
+            os.close(fd)
+        self._open, self._gone = OrderedDict(), []
+
+
+_FDS = _FdPool()
+os.register_at_fork(after_in_child=_FDS._after_fork)
+
+
+class _LocalFiles:
+    """A store's files on the local file system: the reader's only access to their bytes.
+
+    Names are relative to the store (``tokens/c/3``). A second backend (object storage)
+    implements the same methods; its :meth:`map` returns None, which makes the per-cell
+    arrays private copies.
+    """
+
+    def __init__(self, root: Path):
+        self.root, self._owner = root, next(_owners)
+        weakref.finalize(self, _FDS.forget, self._owner)
+
+    def text(self, name: str) -> str:
+        """A whole small file (metadata); FileNotFoundError when absent."""
+        return (self.root / name).read_text()
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        """Bytes ``[offset, offset + len(out))`` of a file; FileNotFoundError when absent."""
+        with _FDS.open(self._owner, f"{self.root}/{name}") as fd:
+            got = os.preadv(fd, [out], offset)
+        if got != len(out):
+            raise OSError(f"{self.root}/{name}: short read ({got} of {len(out)} bytes)")
+
+    def tail(self, name: str, n: int) -> bytes:
+        """The last ``n`` bytes of a file; FileNotFoundError when absent."""
+        with _FDS.open(self._owner, f"{self.root}/{name}") as fd:
+            return os.pread(fd, n, os.fstat(fd).st_size - n)
+
+    def map(self, name: str, dtype: np.dtype) -> np.ndarray | None:
+        """A whole file as a read-only array, memory-mapped; FileNotFoundError when absent.
+
+        The mapping is private (copy on write, never written), so its pages are the page
+        cache's: every process mapping the file shares them. ``torch.from_file`` closes
+        its descriptor once mapped (``mmap.mmap`` and ``np.memmap`` keep one open per
+        mapping).
+        """
+        import torch
+
+        path = self.root / name
+        size = path.stat().st_size
+        if not size:
+            return np.empty(0, dtype)
+        mapped = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        out = mapped.numpy().view(dtype)
+        out.flags.writeable = False
+        return out
+
+    def close(self) -> None:
+        _FDS.close(self._owner)
+
+
+class NotRaw(ValueError):
+    """The array's encoding needs a codec (compression): read it with tensorstore."""
+
+
+class _RawArray:
+    """Byte-level reads of a 1-D, uncompressed Zarr v3 array (sharded or not): which file
+    holds each element range, and where (a shard's index gives its inner chunks' offsets)."""
+
+    def __init__(self, files: _LocalFiles, name: str, meta: dict):
+        self.files, self.name = files, name
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.fill = meta.get("fill_value", 0)
+        self.outer = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        enc = meta["chunk_key_encoding"]
+        sep = enc.get("configuration", {}).get("separator", "/")
+        self._base = f"{name}/{'c' + sep if enc['name'] == 'default' else ''}"
+        codecs = meta["codecs"]
+
+        def plain(chain: list[dict]) -> bool:  # bytes codec only (endian may be omitted)
+            return [c["name"] for c in chain] == ["bytes"] and chain[0].get(
+                "configuration", {}
+            ).get("endian", "little") == "little"
+
+        if codecs[0]["name"] == "sharding_indexed":
+            conf = codecs[0]["configuration"]
+            if not plain(conf["codecs"]) or len(codecs) > 1:
+                raise NotRaw(f"{files.root}/{name}: compressed chunks")
+            self.inner = conf["chunk_shape"][0]
+            self._index_at_end = conf.get("index_location", "end") == "end"
+            self._index: dict[int, np.ndarray | None] = {}
+        elif plain(codecs):
+            self.inner = None
+        else:
+            raise NotRaw(f"{files.root}/{name}: codecs {[c['name'] for c in codecs]}")
+
+    def file(self, k: int) -> str:
+        """Chunk (or shard) ``k``'s file."""
+        return self._base + str(k)
+
+    def _shard_index(self, k: int) -> np.ndarray | None:
+        """(n_inner, 2) offsets/lengths of shard k's inner chunks; None if the shard is absent."""
+        if k not in self._index:
+            n = self.outer // self.inner
+            size = n * 16 + 4  # uint64 (offset, nbytes) per chunk + crc32c
+            try:
+                if self._index_at_end:
+                    raw = self.files.tail(self.file(k), size)
+                else:
+                    raw = bytearray(size)
+                    self.files.read_into(self.file(k), 0, memoryview(raw))
+            except FileNotFoundError:
+                raw = None
+            self._index[k] = None if raw is None else np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
+        return self._index[k]
+
+    def _pieces(self, start: int, stop: int):
+        """(file number, byte offset or None if absent, element lo, element hi) pieces."""
+        step = self.inner or self.outer
+        for c0 in range(start - start % step, stop, step):
+            lo, hi = max(start, c0), min(stop, c0 + step)
+            k = c0 // self.outer
+            if self.inner is None:
+                yield k, (lo - c0) * self.dtype.itemsize, lo, hi
+                continue
+            index = self._shard_index(k)
+            entry = None if index is None else index[(c0 % self.outer) // self.inner]
+            if entry is None or entry[0] == _MISSING:
+                yield k, None, lo, hi
+            else:
+                yield k, int(entry[0]) + (lo - c0) * self.dtype.itemsize, lo, hi
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy elements ``[start, stop)`` into ``out`` (a contiguous array of this dtype)."""
+        view = memoryview(out.view(np.uint8))
+        size = self.dtype.itemsize
+        for k, offset, lo, hi in self._pieces(start, stop):
+            if offset is not None:
+                try:
+                    a, b = (lo - start) * size, (hi - start) * size
+                    self.files.read_into(self.file(k), offset, view[a:b])
+                    continue
+                except FileNotFoundError:  # an unwritten chunk holds the fill value
+                    pass
+            out[lo - start : hi - start] = self.fill
+
+
+class _Column:
+    """A whole per-cell array (``indptr``, ``cell/*``, ``obs/<key>``), sliced by the loader.
+
+    Uncompressed stores: each chunk file is memory-mapped read-only on first use, so the
+    ranks of a node share its pages (the page cache) instead of each holding a copy; a
+    slice across chunks is a concatenation. Compressed stores, and backends that cannot
+    map, hold a private copy (read on first use).
+    """
+
+    def __init__(self, store: TokenStore, name: str):
+        self.store, self.name = store, name
+        self.length = store.shape(name)[0]
+        raw = store._raw(name) if store.mode == "raw" else None
+        self._raw = raw if raw is not None and raw.inner is None else None  # plain chunk files
+        self._chunks: dict[int, np.ndarray] = {}
+        self._copy: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _chunk(self, k: int) -> np.ndarray:
+        chunk = self._chunks.get(k)
+        if chunk is None:
+            raw = self._raw
+            try:
+                chunk = raw.files.map(raw.file(k), raw.dtype)
+            except FileNotFoundError:  # an unwritten chunk holds the fill value
+                chunk = np.full(raw.outer, raw.fill, raw.dtype)
+            if chunk is None:
+                chunk = np.empty(min(raw.outer, self.length - k * raw.outer), raw.dtype)
+                raw.read_into(k * raw.outer, k * raw.outer + len(chunk), chunk)
+            self._chunks[k] = chunk
+        return chunk
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        a, b, _ = s.indices(self.length)
+        if self._raw is None:
+            if self._copy is None:
+                self._copy = self.store.read(self.name, 0, self.length)
+            return self._copy[a:b]
+        n = self._raw.outer
+        if b <= a:
+            return np.empty(0, self._raw.dtype)
+        k0, k1 = a // n, (b - 1) // n
+        if k0 == k1:
+            return self._chunk(k0)[a - k0 * n : b - k0 * n]
+        return np.concatenate(
+            [self._chunk(k)[max(a - k * n, 0) : min(b - k * n, n)] for k in range(k0, k1 + 1)]
+        )
+
+
+def _done() -> None:
+    return None
 
 
 class TokenStore:
-    """Random access to one compiled store.
+    """One compiled store: metadata, whole per-cell arrays and contiguous range reads.
 
-    Use :func:`open_store`. The per-cell index (``indptr``) is read once; token and value
-    ranges are read on demand.
+    The one reader of the format, for tools (:func:`open_store`) and for the training
+    loader. Opening reads the root ``zarr.json``; an array's metadata is read on its
+    first use, its bytes only when asked for. Every read is a contiguous range of one 1-D
+    array. Uncompressed stores (the compiler's default) are read as raw bytes (*raw*
+    mode): the shard index gives where a range lies and ``preadv`` puts it straight into
+    the destination, with no decode and no copy. Compressed stores go through
+    tensorstore; both give the same bytes (tested). File descriptors come from one
+    process-wide pool, so their number does not grow with the stores. Safe across fork
+    (DataLoader workers): descriptors and tensorstore handles are opened afresh in a
+    child, and the per-cell arrays' mappings are inherited.
+
+    Parameters
+    ----------
+    path
+        The store's ``.zarr`` directory.
+    mode
+        ``auto`` (raw bytes when the store is uncompressed, else tensorstore), ``raw`` or
+        ``tensorstore``.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, mode: str = "auto"):
         self.path = Path(path)
         self.attrs = read_attrs(self.path)
-        self._arrays: dict[str, object] = {}
-        self.indptr = self._read(INDPTR)
-        if len(self.indptr) != self.attrs["n_cells"] + 1:
+        if mode not in ("auto", "raw", "tensorstore"):
+            raise ValueError(f"reader mode {mode!r}: expected auto, raw or tensorstore")
+        if mode == "auto":
+            mode = "raw" if self.attrs["settings"].get("compressor") is None else "tensorstore"
+        self.mode = mode
+        self.files = _LocalFiles(self.path)
+        self._meta: dict[str, dict] = {}
+        self._raws: dict[str, _RawArray] = {}
+        self._columns: dict[str, _Column] = {}
+        self._memory: dict[str, np.ndarray] = {}  # whole arrays, when held in memory
+        self._ts: dict[str, object] = {}
+        self._ts_pid = os.getpid()
+        if self.shape(INDPTR) != (len(self) + 1,):
             raise StoreError(f"{self.path}: indptr length does not match n_cells")
 
-    def _array(self, name: str):
-        if name not in self._arrays:
+    # --- metadata ------------------------------------------------------------------------
+
+    def _array_meta(self, name: str) -> dict:
+        meta = self._meta.get(name)
+        if meta is None:
             try:
-                self._arrays[name] = _open_array(self.path / name)
+                meta = json.loads(self.files.text(f"{name}/zarr.json"))
+            except FileNotFoundError:
+                raise StoreError(
+                    f"{self.path}: incomplete store (array {name!r} missing)"
+                ) from None
+            self._meta[name] = meta
+        return meta
+
+    def has(self, name: str) -> bool:
+        """Whether array ``name`` is on disk."""
+        try:
+            self._array_meta(name)
+        except StoreError:
+            return False
+        return True
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._array_meta(name)["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._array_meta(name)["data_type"])
+
+    def categories(self, key: str) -> list[str] | None:
+        """Category names of obs column ``key`` (None when the store has no such array)."""
+        name = f"{OBS_GROUP}/{key}"
+        return list(self._array_meta(name)["attributes"]["categories"]) if self.has(name) else None
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def _raw(self, name: str) -> _RawArray:
+        arr = self._raws.get(name)
+        if arr is None:
+            arr = self._raws[name] = _RawArray(self.files, name, self._array_meta(name))
+        return arr
+
+    def _tensorstore(self, name: str):
+        if self._ts_pid != os.getpid():  # forked: a handle from the parent kills the child
+            self._ts, self._ts_pid = {}, os.getpid()
+        arr = self._ts.get(name)
+        if arr is None:
+            import tensorstore as ts
+
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
+            try:
+                arr = self._ts[name] = ts.open(spec, open=True, read=True).result()
             except ValueError as e:
                 raise StoreError(f"{self.path}: cannot open array {name!r} ({e})") from None
-        return self._arrays[name]
+        return arr
 
-    def _read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        return self._array(name)[start:stop].read().result()
+    def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``[start, stop)`` of the 1-D array ``name`` (into ``out`` when given)."""
+        if out is None:
+            out = np.empty(stop - start, dtype=self.dtype(name))
+        self.submit(name, start, stop, out)()
+        return out
+
+    def submit(self, name: str, start: int, stop: int, out: np.ndarray):
+        """Start reading ``[start, stop)`` into ``out``; returns a call that completes it.
+
+        Raw reads finish at once; tensorstore reads run concurrently until completed, so a
+        batch issues all its reads before waiting on any.
+        """
+        held = self._memory.get(name)
+        if held is not None:
+            out[...] = held[start:stop]
+            return _done
+        if out.dtype != self.dtype(name):  # e.g. a batch widened to a common dtype
+            tmp = np.empty(stop - start, dtype=self.dtype(name))
+            done = self.submit(name, start, stop, tmp)
+
+            def widen() -> None:
+                done()
+                out[...] = tmp
+
+            return widen
+        if self.mode == "raw":
+            self._raw(name).read_into(start, stop, out)
+            return _done
+        future = self._tensorstore(name)[start:stop].read()
+
+        def finish() -> None:
+            out[...] = future.result()
+
+        return finish
+
+    def column(self, name: str) -> _Column:
+        """A per-cell array to slice (``column(name)[a:b]``): shared memory-mapped chunks
+        in uncompressed stores (no copy per process), a private copy otherwise."""
+        col = self._columns.get(name)
+        if col is None:
+            col = self._columns[name] = _Column(self, name)
+        return col
+
+    def obsm_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of the 2-D ``obsm/<key>``."""
+        return self._tensorstore(f"{OBSM_GROUP}/{key}")[start:stop].read().result()
+
+    def hold_in_memory(self) -> None:
+        """Read ``tokens`` and ``values`` whole; later reads copy from memory."""
+        for name in (TOKENS, VALUES):
+            self._memory[name] = self.read(name, 0, int(self.attrs["nnz"]))
+
+    def close(self) -> None:
+        """Close the store's descriptors and handles (a later read opens them again)."""
+        self.files.close()
+        self._ts.clear()
+
+    # --- whole arrays and cells ----------------------------------------------------------
 
     def __len__(self) -> int:
         return int(self.attrs["n_cells"])
@@ -425,40 +835,46 @@ class TokenStore:
         a = self.attrs
         return f"TokenStore({a['species']}/{a['source_file']}: {len(self)} cells, nnz={a['nnz']})"
 
+    @functools.cached_property
+    def indptr(self) -> np.ndarray:
+        """Cell i owns entries ``[indptr[i], indptr[i + 1])``."""
+        return self.column(INDPTR)[:]
+
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and values of stored cell ``i``, in stored order (value desc, token asc)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"cell {i} out of range for {len(self)} cells")
         i %= len(self)
-        a, b = int(self.indptr[i]), int(self.indptr[i + 1])
-        return self._read(TOKENS, a, b), self._read(VALUES, a, b)
+        a, b = (int(x) for x in self.column(INDPTR)[i : i + 2])
+        return self.read(TOKENS, a, b), self.read(VALUES, a, b)
 
     def cells(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat tokens, values and local ``indptr`` of stored cells ``[start, stop)``."""
-        a, b = int(self.indptr[start]), int(self.indptr[stop])
-        return self._read(TOKENS, a, b), self._read(VALUES, a, b), self.indptr[start : stop + 1] - a
+        ip = self.column(INDPTR)[start : stop + 1]
+        a, b = int(ip[0]), int(ip[-1])
+        return self.read(TOKENS, a, b), self.read(VALUES, a, b), ip - a
 
     def value_range(self, start: int, stop: int) -> np.ndarray:
         """Stored values of entries ``[start, stop)`` (across cells)."""
-        return self._read(VALUES, start, min(stop, int(self.attrs["nnz"])))
+        return self.read(VALUES, start, min(stop, int(self.attrs["nnz"])))
 
     @property
     def rows(self) -> np.ndarray:
         """Source row of each stored cell."""
-        return self._read(ROW)
+        return self.column(ROW)[:]
 
     @property
     def var_tokens(self) -> np.ndarray:
         """The file's mapped gene universe (ascending tokens)."""
-        return self._read(VAR_TOKENS)
+        return self.read(VAR_TOKENS, 0, self.shape(VAR_TOKENS)[0])
 
     @property
     def total_counts(self) -> np.ndarray:
-        return self._read(TOTAL_COUNTS)
+        return self.column(TOTAL_COUNTS)[:]
 
     @property
     def n_genes(self) -> np.ndarray:
-        return self._read(N_GENES)
+        return self.column(N_GENES)[:]
 
     @property
     def obs_keys(self) -> list[str]:
@@ -468,21 +884,22 @@ class TokenStore:
         """Codes (int32, -1 = missing) and category names of an obs column."""
         if key not in self.obs_keys:
             raise KeyError(f"{self.path}: no obs column {key!r} (has {self.obs_keys})")
-        meta = json.loads((self.path / OBS_GROUP / key / "zarr.json").read_text())
-        return self._read(f"{OBS_GROUP}/{key}"), list(meta["attributes"]["categories"])
+        return self.column(f"{OBS_GROUP}/{key}")[:], self.categories(key) or []
 
 
-def open_store(path: str | Path) -> TokenStore:
+def open_store(path: str | Path, mode: str = "auto") -> TokenStore:
     """Open a compiled token store, checking its format and version.
 
     Parameters
     ----------
     path
         The store's ``.zarr`` directory.
+    mode
+        ``auto``, ``raw`` or ``tensorstore`` (see :class:`TokenStore`).
 
     Raises
     ------
     StoreError
         Not a store, an incomplete one, or an unsupported format version.
     """
-    return TokenStore(path)
+    return TokenStore(path, mode)

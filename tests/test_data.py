@@ -12,7 +12,6 @@ from conftest import store_paths
 
 from concept.data import BlockSampler, TokenLoader
 from concept.data.batch import PackedBatch
-from concept.data.reader import StoreReader
 from concept.data.views import (
     Panels,
     ViewSpec,
@@ -29,18 +28,29 @@ from concept.vocab import read_token_mapping
 
 
 def _cells(batch) -> list[tuple[int, int]]:
-    return [(r.store, c) for r in batch for c in range(r.start, r.stop)]
+    return [
+        (s, c) for s, a, b in zip(*(x.tolist() for x in batch), strict=True) for c in range(a, b)
+    ]
+
+
+def _batches(schedule) -> list:
+    """A schedule's global batches, each as its ``Reads`` arrays."""
+    return [schedule.batch(i) for i in range(len(schedule))]
+
+
+def _stores(batch) -> set[int]:
+    return set(batch.store.tolist())
 
 
 def test_each_cell_once_per_epoch_and_ranks_partition():
     sizes = [300, 250, 130, 50]
     full = BlockSampler(sizes, batch_size=64, block_size=16, seed=3)
-    batches = full.global_batches(0)
+    batches = _batches(full.global_batches(0))
     assert len(batches) == len(full) == 300 // 64 + 250 // 64 + 130 // 64
     cells = [c for b in batches for c in _cells(b)]
     assert len(cells) == len(set(cells))  # no cell twice
     for b in batches:  # within_group: one store per global batch
-        assert len({r.store for r in b}) == 1 and len(_cells(b)) == 64
+        assert len(_stores(b)) == 1 and len(_cells(b)) == 64
     assert full.dropped_stores == [3]  # smaller than one batch: never used (as the reference)
     per_store = {s: sum(1 for st, _ in cells if st == s) for s in range(4)}
     assert per_store == {0: 256, 1: 192, 2: 128, 3: 0}
@@ -55,8 +65,10 @@ def test_each_cell_once_per_epoch_and_ranks_partition():
 
 def test_epochs_reshuffle_deterministically():
     s = BlockSampler([500, 400], batch_size=32, block_size=8, seed=0)
-    e0, e0_again, e1 = s.global_batches(0), s.global_batches(0), s.global_batches(1)
-    assert e0 == e0_again and e0 != e1
+    e0, e1 = _batches(s.global_batches(0)), _batches(s.global_batches(1))
+    e0_again = _batches(BlockSampler([500, 400], batch_size=32, block_size=8).global_batches(0))
+    assert list(map(_cells, e0)) == list(map(_cells, e0_again))
+    assert list(map(_cells, e0)) != list(map(_cells, e1))
     assert sorted(map(_cells, e0)) != sorted(
         map(_cells, e1)
     )  # blocks regrouped, not only reordered
@@ -66,22 +78,23 @@ def test_block_partners_change_from_epoch_to_epoch():
     s = BlockSampler([4096], batch_size=128, block_size=32, seed=0)
     epochs, together, partners = 20, 0, set()
     for e in range(epochs):
-        batches = s.global_batches(e)
+        batches = _batches(s.global_batches(e))
         batch_of = {c: i for i, b in enumerate(batches) for _, c in _cells(b)}
         assert sorted(batch_of) == list(range(4096))  # every cell once, every epoch
         together += batch_of[0] == batch_of[31]  # one block of a fixed grid
-        block = next(r for b in batches for r in b if r.start <= 100 < r.stop)
-        partners.add((block.start, block.stop))
+        reads = s.global_batches(e).reads
+        j = np.flatnonzero((reads.start <= 100) & (reads.stop > 100))[0]
+        partners.add((int(reads.start[j]), int(reads.stop[j])))
     assert together <= 3  # ~1/32 share a block, ~1/32 a batch otherwise
     assert len(partners) >= 10  # cell 100's block moves with the grid
 
 
 def test_mixed_batches_and_caps():
     s = BlockSampler([100, 90, 40], batch_size=32, block_size=8, groups=[0, 0, 0])
-    batches = s.global_batches(0)
+    batches = _batches(s.global_batches(0))
     cells = [c for b in batches for c in _cells(b)]
     assert len(batches) == 230 // 32 and len(cells) == len(set(cells))
-    assert any(len({r.store for r in b}) > 1 for b in batches)
+    assert any(len(_stores(b)) > 1 for b in batches)
     capped = BlockSampler([1000, 100], batch_size=32, block_size=8, num_samples=330)
     assert capped.sizes.tolist() == [300, 32]  # proportional, at least one batch each
     equal = BlockSampler([1000, 100], 32, 8, num_samples=200, sample_groups_equally=True)
@@ -97,14 +110,15 @@ def test_groups_of_cells_across_stores():
     s = BlockSampler([100, 70], batch_size=16, block_size=8, groups=[g0, g1], seed=1)
     assert len(s) == 50 // 16 + 110 // 16
     for e in range(3):
-        batches = s.global_batches(e)
+        batches = _batches(s.global_batches(e))
         cells = [c for b in batches for c in _cells(b)]
         assert len(cells) == len(set(cells)) == 16 * len(s)
         label = {(0, c): g0[c] for c in range(100)} | {(1, c): g1[c] for c in range(70)}
         for b in batches:
             assert len({label[c] for c in _cells(b)}) == 1 and label[_cells(b)[0]] >= 0
-        assert any(len({r.store for r in b}) == 2 for b in batches)  # a group spans stores
-        assert all(r.stop - r.start == 1 for b in batches for r in b if r.store == 0)
+        assert any(len(_stores(b)) == 2 for b in batches)  # a group spans stores
+        reads = s.global_batches(e).reads
+        assert np.all((reads.stop - reads.start)[reads.store == 0] == 1)  # alternating cells
     equal = BlockSampler(
         [100, 70], 16, 8, groups=[g0, g1], num_samples=64, sample_groups_equally=True
     )
@@ -117,13 +131,13 @@ def test_groups_of_cells_across_stores():
 
 def test_raw_and_tensorstore_readers_return_the_same_bytes(compiled):
     for path in store_paths(compiled):
-        raw, ts = StoreReader(path, "raw"), StoreReader(path, "tensorstore")
+        raw, ts = open_store(path, "raw"), open_store(path, "tensorstore")
         nnz = raw.attrs["nnz"]
         for name, n in [
             ("tokens", nnz),
             ("values", nnz),
-            ("indptr", raw.n_cells + 1),
-            ("cell/row", raw.n_cells),
+            ("indptr", len(raw) + 1),
+            ("cell/row", len(raw)),
         ]:
             for a, b in [(0, n), (n // 3, n // 3 + 17), (n - 5, n)]:
                 assert np.array_equal(raw.read(name, a, b), ts.read(name, a, b)), (path.name, name)
@@ -207,12 +221,12 @@ def test_compile_group_by_lays_out_groups_for_few_reads(project_copy):
         codes = open_store(p).obs("tissue")[0]
         assert np.all(np.diff(codes) >= 0) and len(set(codes)) > 1  # one run per tissue
     loader = TokenLoader(paths, 16, 4, within_group="tissue", obs_keys=["tissue"])
-    batches = loader.sampler.global_batches(0)
+    batches = _batches(loader.sampler.global_batches(0))
     # a tissue's cells are contiguous in each store, so every block is one read (a batch:
     # 4 blocks, pieces of 2 more, and the short first block of each store's tissue run)
     blocks = [p.size // 4 + 2 for g in loader.sampler.groups for p in g]
-    assert sum(len(b) for b in batches) <= sum(blocks) + 2 * len(batches)
-    assert np.mean([len(b) for b in batches]) < 6  # against ~16 reads unsorted
+    assert sum(len(b.store) for b in batches) <= sum(blocks) + 2 * len(batches)
+    assert np.mean([len(b.store) for b in batches]) < 6  # against ~16 reads unsorted
     assert {len({int(t) for t in b.obs["tissue"]}) for b in loader} == {1}
 
 

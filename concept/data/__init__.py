@@ -1,4 +1,4 @@
-"""The training data path: sampler, reader, packed batches, panel views."""
+"""The training data path: sampler, packed batches, panel views (the reader: concept.store)."""
 
 from concept.data.batch import PackedBatch
 from concept.data.loader import TokenLoader

@@ -21,13 +21,13 @@ class PackedBatch:
     values: torch.Tensor  # (nnz,)
     cu_seqlens: torch.Tensor  # (B+1,) int32
     total_counts: torch.Tensor  # (B,) float32: counts over all genes, before masking
-    rows: torch.Tensor  # (B,) int64: source row in the file
     store_index: torch.Tensor  # (B,) int32: which store (index into the loader's list)
     obs: dict[str, torch.Tensor]  # key -> (B,) int32 codes into the loader's categories
     var_tokens: torch.Tensor  # the gene universe the views draw from (ascending)
     species: str
     epoch: int = 0
     index: int = 0  # global batch index within the epoch (the same on every rank)
+    rows: torch.Tensor | None = None  # (B,) int64: source row in the file (not in training)
     views: object | None = field(default=None, repr=False)  # a ViewPlan, when planned
     embeddings: torch.Tensor | None = None  # (B, k) float32: datamodule.precomp_embs_key
 
@@ -60,7 +60,7 @@ class PackedBatch:
             values=fn(self.values),
             cu_seqlens=fn(self.cu_seqlens),
             total_counts=fn(self.total_counts),
-            rows=fn(self.rows),
+            rows=None if self.rows is None else fn(self.rows),
             store_index=fn(self.store_index),
             obs={k: fn(v) for k, v in self.obs.items()},
             var_tokens=fn(self.var_tokens),

@@ -2,7 +2,7 @@
 
 The loader asks the :class:`~concept.data.sampler.BlockSampler` for this rank's reads,
 reads each contiguous range straight into the batch's buffers
-(:class:`~concept.data.reader.StoreReader`), and optionally plans the two panel views
+(:class:`~concept.store.TokenStore`), and optionally plans the two panel views
 (:mod:`concept.data.views`) on the same background thread. ``num_workers=0`` (default)
 keeps everything in the main process: handing batches between processes costs more than
 reading them. With workers, a torch DataLoader runs one reader per worker, each taking
@@ -11,7 +11,6 @@ every k-th batch, which keeps the batch order.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -22,8 +21,8 @@ import torch
 
 from concept import store as fmt
 from concept.data.batch import PackedBatch
-from concept.data.reader import StoreReader
-from concept.data.sampler import BlockSampler, Read
+from concept.data.sampler import BlockSampler, Reads
+from concept.store import TokenStore
 
 _DONE = object()
 
@@ -31,20 +30,12 @@ _DONE = object()
 class _Categories:
     """Per obs key: the union of the stores' categories, and each store's code remap."""
 
-    def __init__(self, paths: list[Path], keys: list[str]):
+    def __init__(self, stores: list[TokenStore], keys: list[str]):
         self.keys = keys
         self.names: dict[str, list[str]] = {}
         self.remap: dict[str, list[np.ndarray]] = {}
         for key in keys:
-            per_store = []
-            for p in paths:
-                meta = p / fmt.OBS_GROUP / key / "zarr.json"
-                cats = (
-                    json.loads(meta.read_text())["attributes"]["categories"]
-                    if meta.exists()
-                    else None
-                )
-                per_store.append(cats)
+            per_store = [s.categories(key) for s in stores]
             names = sorted({c for cats in per_store if cats for c in cats})
             lookup = {c: i for i, c in enumerate(names)}
             self.names[key] = names
@@ -94,6 +85,12 @@ class TokenLoader:
     embeddings_key
         Deliver each cell's ``obsm/<key>`` row as ``batch.embeddings``
         (``datamodule.precomp_embs_key``).
+    rows
+        Deliver each cell's source row (``cell/row``) as ``batch.rows``; training has no
+        use for them (None there).
+
+    Only store metadata is read here (and the obs columns that ``within_group`` groups
+    by); per-cell arrays are mapped on first use, shared by the processes of a node.
     """
 
     batch_sampler = (
@@ -120,11 +117,12 @@ class TokenLoader:
         plan_views: Callable | None = None,
         in_memory: bool = False,
         embeddings_key: str | None = None,
+        rows: bool = True,
     ):
         self.paths = [Path(p) for p in store_paths]
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
-        self.readers = [StoreReader(p, reader) for p in self.paths]
+        self.readers = [TokenStore(p, reader) for p in self.paths]
         if in_memory:
             for r in self.readers:
                 r.hold_in_memory()
@@ -132,7 +130,7 @@ class TokenLoader:
         keys = [within_group] if isinstance(within_group, str) else list(within_group or [])
         self._per_store = "dataset" in keys  # else a batch's genes: all of its species'
         self.sampler = BlockSampler(
-            [r.n_cells for r in self.readers],
+            [len(r) for r in self.readers],
             batch_size,
             block_size,
             seed,
@@ -144,11 +142,12 @@ class TokenLoader:
             sample_groups_equally,
         )
         self.obs_keys = list(obs_keys)
-        self.categories = _Categories(self.paths, self.obs_keys)
+        self.categories = _Categories(self.readers, self.obs_keys)
+        self.rows = rows
         self.prefetch, self.num_workers = prefetch, num_workers
         self.pin = torch.cuda.is_available() and pin_memory is not False
         self.plan_views = plan_views
-        self.embeddings = None if embeddings_key is None else f"{fmt.OBSM_GROUP}/{embeddings_key}"
+        self.embeddings = embeddings_key
         self._var_cache: dict[int, np.ndarray] = {}
         self._species_var: dict[str, np.ndarray] = {}
 
@@ -175,21 +174,21 @@ class TokenLoader:
         cols = [k for k in keys if k != "dataset"]
         if not cols:
             return base
-        for p in self.paths:
+        for r in self.readers:
             for key in cols:
-                if not (p / fmt.OBS_GROUP / key / "zarr.json").exists():
+                if not r.has(f"{fmt.OBS_GROUP}/{key}"):
                     raise ValueError(
-                        f"{p}: within_group_sampling={setting!r} needs obs column {key!r}, "
+                        f"{r.path}: within_group_sampling={setting!r} needs obs column {key!r}, "
                         "which this store was compiled without: add it to "
                         "datamodule.obs_keys and compile again"
                     )
-        cats = _Categories(self.paths, cols)
+        cats = _Categories(self.readers, cols)
         out = []
         for i, r in enumerate(self.readers):
-            ids = np.full(r.n_cells, base[i], np.int64)
-            missing = np.zeros(r.n_cells, bool)
+            ids = np.full(len(r), base[i], np.int64)
+            missing = np.zeros(len(r), bool)
             for key in cols:
-                codes = cats.remap[key][i][r.cell_array(f"{fmt.OBS_GROUP}/{key}") + 1]
+                codes = cats.remap[key][i][r.column(f"{fmt.OBS_GROUP}/{key}")[:] + 1]
                 missing |= codes < 0
                 ids = ids * (len(cats.names[key]) + 1) + codes + 1
             out.append(np.where(missing, -1, ids))
@@ -197,9 +196,7 @@ class TokenLoader:
 
     def var_tokens(self, store: int) -> np.ndarray:
         if store not in self._var_cache:
-            r = self.readers[store]
-            n = json.loads((r.path / fmt.VAR_TOKENS / "zarr.json").read_text())["shape"][0]
-            self._var_cache[store] = r.read(fmt.VAR_TOKENS, 0, n)
+            self._var_cache[store] = self.readers[store].var_tokens
         return self._var_cache[store]
 
     def _genes_of(self, species: str) -> np.ndarray:
@@ -211,54 +208,56 @@ class TokenLoader:
             )
         return self._species_var[species]
 
-    def read_batch(self, reads: list[Read], epoch: int = 0, index: int = 0) -> PackedBatch:
+    def read_batch(self, reads: Reads, epoch: int = 0, index: int = 0) -> PackedBatch:
         """Read one rank's share of a global batch into a packed batch."""
-        ips = [self.readers[r.store].cell_array(fmt.INDPTR)[r.start : r.stop + 1] for r in reads]
-        n_cells = sum(r.stop - r.start for r in reads)
+        runs = list(
+            zip(reads.store.tolist(), reads.start.tolist(), reads.stop.tolist(), strict=True)
+        )
+        ips = [self.readers[s].column(fmt.INDPTR)[a : b + 1] for s, a, b in runs]
+        n_cells = int((reads.stop - reads.start).sum())
         nnz = sum(int(ip[-1] - ip[0]) for ip in ips)
-        first = self.readers[reads[0].store]
+        first = self.readers[runs[0][0]]
         vdtype = first.dtype(fmt.VALUES)
-        for r in reads[1:]:  # mixed stores: widen values to a common dtype
-            vdtype = np.promote_types(vdtype, self.readers[r.store].dtype(fmt.VALUES))
+        for s in set(reads.store.tolist()):  # mixed stores: widen values to a common dtype
+            vdtype = np.promote_types(vdtype, self.readers[s].dtype(fmt.VALUES))
         tokens = np.empty(nnz, first.dtype(fmt.TOKENS))
         values = np.empty(nnz, vdtype)
         cu = np.empty(n_cells + 1, np.int32)
         cu[0] = 0
         total = np.empty(n_cells, np.float32)
-        rows = np.empty(n_cells, np.int64)
-        store_index = np.empty(n_cells, np.int32)
+        rows = np.empty(n_cells, np.int64) if self.rows else None
+        store_index = np.repeat(reads.store, reads.stop - reads.start).astype(np.int32)
         obs = {k: np.empty(n_cells, np.int32) for k in self.obs_keys}
         embs = []
         pending, e, c = [], 0, 0
-        for r, ip in zip(reads, ips, strict=True):
-            rd = self.readers[r.store]
-            m, k = r.stop - r.start, int(ip[-1] - ip[0])
+        for (s, a, b), ip in zip(runs, ips, strict=True):
+            rd = self.readers[s]
+            m, k = b - a, int(ip[-1] - ip[0])
             pending.append(rd.submit(fmt.TOKENS, int(ip[0]), int(ip[-1]), tokens[e : e + k]))
             pending.append(rd.submit(fmt.VALUES, int(ip[0]), int(ip[-1]), values[e : e + k]))
             cu[c + 1 : c + m + 1] = ip[1:] - ip[0] + e
-            total[c : c + m] = rd.cell_array(fmt.TOTAL_COUNTS)[r.start : r.stop]
-            rows[c : c + m] = rd.cell_array(fmt.ROW)[r.start : r.stop]
-            store_index[c : c + m] = r.store
+            total[c : c + m] = rd.column(fmt.TOTAL_COUNTS)[a:b]
+            if rows is not None:
+                rows[c : c + m] = rd.column(fmt.ROW)[a:b]
             if self.embeddings is not None:
-                embs.append(rd.rows(self.embeddings, r.start, r.stop))
+                embs.append(rd.obsm_rows(self.embeddings, a, b))
             for key in self.obs_keys:
-                remap = self.categories.remap[key][r.store]
+                remap = self.categories.remap[key][s]
                 if len(remap) > 1:
-                    codes = rd.cell_array(f"{fmt.OBS_GROUP}/{key}")[r.start : r.stop]
-                    obs[key][c : c + m] = remap[codes + 1]
+                    obs[key][c : c + m] = remap[rd.column(f"{fmt.OBS_GROUP}/{key}")[a:b] + 1]
                 else:
                     obs[key][c : c + m] = -1
             e, c = e + k, c + m
         for finish in pending:
             finish()
-        species = self.species[reads[0].store]
-        var = self.var_tokens(reads[0].store) if self._per_store else self._genes_of(species)
+        species = self.species[runs[0][0]]
+        var = self.var_tokens(runs[0][0]) if self._per_store else self._genes_of(species)
         batch = PackedBatch(
             tokens=torch.from_numpy(tokens),
             values=torch.from_numpy(values),
             cu_seqlens=torch.from_numpy(cu),
             total_counts=torch.from_numpy(total),
-            rows=torch.from_numpy(rows),
+            rows=None if rows is None else torch.from_numpy(rows),
             store_index=torch.from_numpy(store_index),
             obs={k: torch.from_numpy(v) for k, v in obs.items()},
             var_tokens=torch.from_numpy(var),
@@ -277,7 +276,7 @@ class TokenLoader:
             for index in range(start, len(batches)):
                 if stop.is_set():
                     return
-                reads = self.sampler.rank_slice(batches[index])
+                reads = self.sampler.rank_slice(batches.batch(index))
                 batch = self.read_batch(reads, epoch, index)
                 out.put(batch.pin_memory() if self.pin else batch)
             out.put(_DONE)
@@ -334,5 +333,5 @@ class _WorkerBatches(torch.utils.data.IterableDataset):
         wid, k = (info.id, info.num_workers) if info else (0, 1)
         epoch, start, batches = self.schedule
         for index in range(start + wid, len(batches), k):
-            reads = self.loader.sampler.rank_slice(batches[index])
+            reads = self.loader.sampler.rank_slice(batches.batch(index))
             yield self.loader.read_batch(reads, epoch, index)

@@ -29,17 +29,34 @@ every global batch, so all ranks see the same number of batches, from the same g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Read:
-    """A contiguous run of cells ``[start, stop)`` of store ``store``."""
+class Reads(NamedTuple):
+    """Contiguous runs of cells: run ``j`` is cells ``[start[j], stop[j])`` of store
+    ``store[j]``."""
 
-    store: int
-    start: int
-    stop: int
+    store: np.ndarray  # int32
+    start: np.ndarray  # int64
+    stop: np.ndarray  # int64
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An epoch's global batches as arrays: batch ``i`` is the runs
+    ``offsets[i]:offsets[i + 1]`` of ``reads``, in order (no object per batch or block)."""
+
+    reads: Reads
+    offsets: np.ndarray  # int64, (n_batches + 1,)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def batch(self, i: int) -> Reads:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return Reads(*(x[a:b] for x in self.reads))
 
 
 @dataclass(frozen=True)
@@ -54,17 +71,6 @@ class _Part:
     def head(self, k: int) -> _Part:
         return _Part(self.store, k, None if self.cells is None else self.cells[:k])
 
-    def reads(self, a: int, b: int) -> list[Read]:
-        """Positions ``[a, b)`` of the part as contiguous reads of its store."""
-        if self.cells is None:
-            return [Read(self.store, a, b)]
-        c = self.cells[a:b]
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(c) != 1) + 1, [len(c)]])
-        return [
-            Read(self.store, int(c[i]), int(c[j - 1]) + 1)
-            for i, j in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-
 
 def _parts(sizes: np.ndarray, groups: list[int | np.ndarray]) -> list[list[_Part]]:
     """Each group's parts, in group id order (cells of group -1 are left out)."""
@@ -78,6 +84,7 @@ def _parts(sizes: np.ndarray, groups: list[int | np.ndarray]) -> list[list[_Part
         if len(g) != size:
             raise ValueError(f"store {store}: {len(g)} group ids for {size} cells")
         order = np.argsort(g, kind="stable")  # cells of each group, ascending
+        order = order.astype(np.int32 if size < 2**31 else np.int64)  # half the bytes
         ids, starts = np.unique(g[order], return_index=True)
         for gid, cells in zip(ids, np.split(order, starts[1:]), strict=True):
             if gid >= 0:
@@ -171,6 +178,8 @@ class BlockSampler:
             s for s in range(len(sizes)) if not self.sizes[s] and (s in chosen or s not in grouped)
         ]
         self._n_batches = int(sum(sum(p.size for p in g) // batch_size for g in self.groups))
+        self._flatten()
+        self._cached: tuple[int, Schedule] | None = None  # the last epoch's schedule
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
@@ -182,59 +191,116 @@ class BlockSampler:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
-    def _blocks(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Blocks ``(starts, lengths)`` of a part of ``size`` cells on this epoch's grid:
-        blocks start at a random offset (and one shorter block before it)."""
-        starts = np.union1d(0, np.arange(int(rng.integers(self.block_size)), size, self.block_size))
-        return starts, np.diff(starts, append=size)
+    def _flatten(self) -> None:
+        """The groups' parts as arrays, for :meth:`global_batches`: a *position* is a cell's
+        index in all parts laid end to end (groups in order, parts in order)."""
+        parts = [p for g in self.groups for p in g]
+        self._group_parts = np.cumsum([0] + [len(g) for g in self.groups])
+        self._part_store = np.array([p.store for p in parts], np.int32)
+        self._part_size = np.array([p.size for p in parts], np.int64)
+        self._part_pos = np.concatenate([[0], np.cumsum(self._part_size)])
+        listed = [p.cells is not None for p in parts]
+        self._part_listed = np.array(listed, bool)  # cells listed (else the first ``size``)
+        lists = [p.cells for p in parts if p.cells is not None]
+        self._cells = np.concatenate(lists) if lists else np.empty(0, np.int64)
+        self._part_cells = np.cumsum([0] + [p.size if p.cells is not None else 0 for p in parts])
+        # where a listed part's cells stop being consecutive: a run of reads starts there
+        breaks = [
+            self._part_pos[i] + np.flatnonzero(np.diff(p.cells) != 1) + 1
+            for i, p in enumerate(parts)
+            if p.cells is not None
+        ]
+        self._breaks = np.concatenate([*breaks, [np.iinfo(np.int64).max]]).astype(np.int64)
 
-    def global_batches(self, epoch: int) -> list[list[Read]]:
-        """The epoch's global batches, each a list of contiguous reads."""
+    def global_batches(self, epoch: int) -> Schedule:
+        """The epoch's global batches (see the module's description), as arrays."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        if not self.groups:
+            empty = np.empty(0, np.int64)
+            return Schedule(Reads(empty.astype(np.int32), empty, empty), np.zeros(1, np.int64))
         rng = np.random.default_rng([self.seed, epoch])
-        batches = []
-        for group in self.groups:
-            blocks = [self._blocks(rng, p.size) for p in group]
-            part = np.concatenate([np.full(len(s), i) for i, (s, _) in enumerate(blocks)])
-            starts = np.concatenate([s for s, _ in blocks])
-            lengths = np.concatenate([n for _, n in blocks])
-            order = rng.permutation(len(starts))
-            batches += self._cut(group, part[order], starts[order], lengths[order])
-        order = rng.permutation(len(batches))
-        return [batches[i] for i in order]
+        bs, size = self.block_size, self._part_size
+        # the random calls of the epoch, in their order: a grid offset per part, then the
+        # block order of each group; the batch order last
+        offset = np.empty(len(size), np.int64)
+        perms = []
+        for g in range(len(self.groups)):
+            a, b = self._group_parts[g], self._group_parts[g + 1]
+            n = 0
+            for p in range(a, b):
+                offset[p] = o = int(rng.integers(bs))
+                n += max(-(-(int(size[p]) - o) // bs), 0) + (o > 0 or not size[p])
+            perms.append(rng.permutation(n))
+        # blocks of each part: one short block before the grid (unless it starts at 0)
+        lead = ((offset > 0) | (size == 0)).astype(np.int64)
+        count = np.maximum(-(-(size - offset) // bs), 0) + lead
+        part = np.repeat(np.arange(len(size)), count)
+        j = np.arange(len(part)) - np.repeat(np.cumsum(count) - count, count)
+        o, lp = offset[part], lead[part]
+        starts = np.where(j < lp, 0, o + (j - lp) * bs)
+        stops = np.where(
+            j < lp, np.minimum(o, size[part]), np.minimum(o + (j - lp + 1) * bs, size[part])
+        )
+        # each group's blocks shuffled, the groups' streams laid end to end
+        first = np.cumsum([0] + [len(x) for x in perms])
+        order = np.concatenate([x + f for x, f in zip(perms, first[:-1], strict=True)])
+        part, starts, lengths = part[order], starts[order], (stops - starts)[order]
+        ends = np.cumsum(lengths)
+        # cut each group's stream into batches: pieces between block and batch boundaries
+        gsize = np.diff(self._part_pos[self._group_parts])
+        gbase = np.concatenate([[0], np.cumsum(gsize)])
+        nb = gsize // self.batch_size
+        cuts = [gbase[g] + np.arange(nb[g] + 1) * self.batch_size for g in range(len(nb))]
+        points = np.concatenate([[0], ends, *cuts])
+        points.sort(kind="stable")  # two sorted runs: merged
+        points = points[np.diff(points, prepend=-1) > 0]
+        x, y = points[:-1], points[1:]
+        g = np.searchsorted(gbase, x, "right") - 1
+        used = x < gbase[g] + nb[g] * self.batch_size  # a group's remainder is not used
+        x, y, g = x[used], y[used], g[used]
+        batch = np.concatenate([[0], np.cumsum(nb)])[g] + (x - gbase[g]) // self.batch_size
+        blk = np.searchsorted(ends, x, "right")
+        p = part[blk]
+        a = self._part_pos[p] + starts[blk] + x - (ends[blk] - lengths[blk])  # positions
+        b = a + (y - x)
+        # pieces of listed parts: one run per stretch of consecutive cells
+        lo = np.searchsorted(self._breaks, a, "right")
+        extra = np.searchsorted(self._breaks, b, "left") - lo
+        piece = np.repeat(np.arange(len(a)), extra + 1)
+        r = np.arange(len(piece)) - np.repeat(np.cumsum(extra + 1) - extra - 1, extra + 1)
+        ra = np.where(r == 0, a[piece], self._breaks[lo[piece] + r - 1])
+        rb = np.where(r == extra[piece], b[piece], self._breaks[lo[piece] + r])
+        p, batch = p[piece], batch[piece]
+        ra, rb = ra - self._part_pos[p], rb - self._part_pos[p]  # within the part
+        listed = self._part_listed[p]
+        if listed.any():
+            c = self._part_cells[p]
+            ra = np.where(listed, self._cells[np.where(listed, c + ra, 0)], ra)
+            rb = np.where(listed, self._cells[np.where(listed, c + rb - 1, 0)] + 1, rb)
+        # the batches of all groups in a random order
+        rank = np.empty(int(nb.sum()), np.int64)
+        rank[rng.permutation(len(rank))] = np.arange(len(rank))
+        batch = rank[batch]
+        runs = np.argsort(batch, kind="stable")
+        schedule = Schedule(
+            Reads(self._part_store[p][runs], ra[runs].astype(np.int64), rb[runs].astype(np.int64)),
+            np.searchsorted(batch[runs], np.arange(len(rank) + 1)).astype(np.int64),
+        )
+        self._cached = (epoch, schedule)
+        return schedule
 
-    def _cut(
-        self, group: list[_Part], part: np.ndarray, starts: np.ndarray, lengths: np.ndarray
-    ) -> list[list[Read]]:
-        """Cut a stream of blocks into global batches of ``batch_size`` cells (rest dropped)."""
-        n_batches = int(lengths.sum() // self.batch_size)
-        batches, b0, offset = [], 0, 0  # offset: cells of block b0 already used
-        for _ in range(n_batches):
-            need, reads = self.batch_size, []
-            while need:
-                take = min(int(lengths[b0]) - offset, need)
-                start = int(starts[b0]) + offset
-                reads += group[part[b0]].reads(start, start + take)
-                need -= take
-                offset += take
-                if offset == lengths[b0]:
-                    b0, offset = b0 + 1, 0
-            batches.append(reads)
-        return batches
-
-    def rank_slice(self, batch: list[Read]) -> list[Read]:
+    def rank_slice(self, batch: Reads) -> Reads:
         """This rank's contiguous share of a global batch."""
         per = self.batch_size // self.world_size
-        lo, hi = self.rank * per, (self.rank + 1) * per
-        out, pos = [], 0
-        for r in batch:
-            n = r.stop - r.start
-            a, b = max(lo - pos, 0), min(hi - pos, n)
-            if a < b:
-                out.append(Read(r.store, r.start + a, r.start + b))
-            pos += n
-        return out
+        n = batch.stop - batch.start
+        before = np.cumsum(n) - n  # cells of the batch before each run
+        a = np.clip(self.rank * per - before, 0, n)
+        b = np.clip((self.rank + 1) * per - before, 0, n)
+        keep = a < b
+        return Reads(batch.store[keep], (batch.start + a)[keep], (batch.start + b)[keep])
 
-    def remaining(self) -> tuple[int, int, list[list[Read]]]:
+    def remaining(self) -> tuple[int, int, Schedule]:
         """``(epoch, first batch index, global batches)`` still to read in this epoch.
 
         A finished epoch starts over (validation loaders run the same batches each time).
