@@ -58,6 +58,10 @@ class ObjectNotFound(ObjectStoreError, FileNotFoundError):
     """No object at the key (the bucket exists)."""
 
 
+class ObjectChanged(ObjectStoreError):
+    """The object was replaced since this process first read it (a store recompiled)."""
+
+
 class BucketError(ObjectStoreError):
     """The bucket does not exist, or the credentials are refused for it."""
 
@@ -195,7 +199,11 @@ def _cause(e: Exception) -> str:
 
 def error(e: Exception, uri: Uri, action: str) -> ObjectStoreError:
     """The error to raise for a failed request ``action`` on ``uri``."""
-    from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
+    from obstore.exceptions import (
+        PermissionDeniedError,
+        PreconditionError,
+        UnauthenticatedError,
+    )
 
     text, cause = str(e), _cause(e)
     endpoint = _endpoint() or "AWS"
@@ -211,6 +219,11 @@ def error(e: Exception, uri: Uri, action: str) -> ObjectStoreError:
             f"s3://{uri.bucket}: access denied at {endpoint} ({action} {uri.key or '/'}): "
             f"{cause}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) "
             "for this bucket"
+        )
+    if isinstance(e, PreconditionError):
+        return ObjectChanged(
+            f"{uri}: replaced since this process first read it (the store was recompiled "
+            "or re-uploaded while being read): start again to read the new store"
         )
     if isinstance(e, FileNotFoundError):
         return ObjectNotFound(f"{uri}: no such object in bucket {uri.bucket}")
@@ -231,37 +244,34 @@ async def _guard(coro: Coroutine, uri: Uri, action: str):
 # --- reads --------------------------------------------------------------------------------
 
 
-async def get_async(uri: str | Uri, start: int | None = None, end: int | None = None):
-    """Bytes of an object (``[start, end)`` when given), as an obstore ``Bytes`` buffer."""
+async def get_async(uri: str | Uri, byte_range=None, etag: str | None = None):
+    """An object's bytes (an obstore ``Bytes`` buffer) and its ETag.
+
+    Parameters
+    ----------
+    uri
+        The object.
+    byte_range
+        ``(start, end)`` or ``{"suffix": n}`` (the last ``n`` bytes); None: all of it.
+    etag
+        When given, the object must still be this version, else :class:`ObjectChanged`.
+    """
     import obstore
 
     u = Uri.parse(uri)
-    store = client(u.bucket)
-    if start is None:
+    options = {k: v for k, v in (("range", byte_range), ("if_match", etag)) if v is not None}
 
-        async def whole():
-            return await (await obstore.get_async(store, u.key)).bytes_async()
+    async def get():
+        got = await obstore.get_async(client(u.bucket), u.key, options=options)
+        return await got.bytes_async(), got.meta.get("e_tag")
 
-        return await _guard(whole(), u, "GET")
-    return await _guard(obstore.get_range_async(store, u.key, start=start, end=end), u, "GET range")
-
-
-async def tail_async(uri: str | Uri, n: int) -> tuple[object, int]:
-    """The last ``n`` bytes of an object and its size (one request: a shard's index)."""
-    import obstore
-
-    u = Uri.parse(uri)
-
-    async def tail():
-        got = await obstore.get_async(client(u.bucket), u.key, options={"range": {"suffix": n}})
-        return await got.bytes_async(), int(got.meta["size"])
-
-    return await _guard(tail(), u, "GET suffix")
+    return await _guard(get(), u, "GET" if byte_range is None else "GET range")
 
 
 def read(uri: str | Uri, start: int | None = None, end: int | None = None) -> bytes:
     """Bytes of an object (``[start, end)`` when given)."""
-    return bytes(submit(get_async(uri, start, end)).result())
+    byte_range = None if start is None else (start, end)
+    return bytes(submit(get_async(uri, byte_range)).result()[0])
 
 
 def read_text(uri: str | Uri) -> str:
@@ -354,3 +364,60 @@ def staging(uri: str | Uri) -> Path:
     """
     digest = hashlib.sha256(str(Uri.parse(uri)).encode()).hexdigest()[:20]
     return Path(tempfile.gettempdir()) / "concept-s3" / digest / "store"
+
+
+class S3Files:
+    """A store's objects under ``s3://bucket/prefix``: the store reader's backend for object
+    storage (the methods of the local one in :mod:`concept.store`).
+
+    Each object's ETag is recorded at its first read and every later read of it requires
+    it (``If-Match``): a store replaced while being read fails loudly
+    (:class:`ObjectChanged`) instead of mixing two versions' bytes.
+    """
+
+    def __init__(self, uri: str | Uri):
+        self.uri = Uri.parse(uri)
+        self.root = str(self.uri)
+        self._etags: dict[str, str] = {}  # touched only on the S3 loop's thread
+
+    async def _get(self, name: str, byte_range=None):
+        data, etag = await get_async(self.uri.join(name), byte_range, self._etags.get(name))
+        if etag:
+            self._etags.setdefault(name, etag)
+        return data
+
+    def text(self, name: str) -> str:
+        """A whole small object (metadata); FileNotFoundError when absent."""
+        return bytes(submit(self._get(name)).result()).decode()
+
+    def tail(self, name: str, n: int) -> bytes:
+        """The last ``n`` bytes of an object; FileNotFoundError when absent."""
+        return bytes(submit(self._get(name, {"suffix": n})).result())
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> Future:
+        """Start reading bytes ``[offset, offset + len(out))`` of an object into ``out``.
+
+        Returns a future: True once read, False when the object is absent (the caller fills
+        its part); it raises other errors. Requests run concurrently (:data:`REQUESTS`).
+        """
+
+        async def into() -> bool:
+            try:
+                data = await self._get(name, (offset, offset + len(out)))
+            except ObjectNotFound:
+                return False
+            if len(data) != len(out):
+                raise ObjectStoreError(
+                    f"{self.root}/{name}: short read ({len(data)} of {len(out)} bytes)"
+                )
+            out[:] = memoryview(data)
+            return True
+
+        return submit(into())
+
+    def map(self, name: str, dtype) -> None:
+        """Objects cannot be memory-mapped: the reader keeps private copies."""
+        return None
+
+    def close(self) -> None:
+        self._etags.clear()
