@@ -394,26 +394,34 @@ class S3Files:
         """The last ``n`` bytes of an object; FileNotFoundError when absent."""
         return bytes(submit(self._get(name, {"suffix": n})).result())
 
+    async def _into(self, name: str, offset: int, out: memoryview) -> bool:
+        try:
+            data = await self._get(name, (offset, offset + len(out)))
+        except ObjectNotFound:
+            return False
+        if len(data) != len(out):
+            raise ObjectStoreError(
+                f"{self.root}/{name}: short read ({len(data)} of {len(out)} bytes)"
+            )
+        out[:] = memoryview(data)
+        return True
+
     def read_into(self, name: str, offset: int, out: memoryview) -> Future:
         """Start reading bytes ``[offset, offset + len(out))`` of an object into ``out``.
 
         Returns a future: True once read, False when the object is absent (the caller fills
         its part); it raises other errors. Requests run concurrently (:data:`REQUESTS`).
         """
+        return submit(self._into(name, offset, out))
 
-        async def into() -> bool:
-            try:
-                data = await self._get(name, (offset, offset + len(out)))
-            except ObjectNotFound:
-                return False
-            if len(data) != len(out):
-                raise ObjectStoreError(
-                    f"{self.root}/{name}: short read ({len(data)} of {len(out)} bytes)"
-                )
-            out[:] = memoryview(data)
-            return True
+    def read_many(self, reads: list[tuple[str, int, memoryview]]) -> Future:
+        """:meth:`read_into` for many ``(name, offset, out)`` at once (one hand-over to the
+        S3 loop for all of them): a future of their results, in order."""
 
-        return submit(into())
+        async def many() -> list[bool]:
+            return await asyncio.gather(*(self._into(*r) for r in reads))
+
+        return submit(many())
 
     def map(self, name: str, dtype) -> None:
         """Objects cannot be memory-mapped: the reader keeps private copies."""

@@ -211,6 +211,10 @@ def test_s3_files_range_reads_and_replaced_objects(s3_env):
         for a in starts
     ]
     assert all(f.result() for f in pending)
+    again = np.zeros_like(out)
+    reads = [("tokens/c/0", int(a), memoryview(again)[int(a) : int(a) + 4096]) for a in starts]
+    assert files.read_many(reads).result() == [True] * len(starts)
+    assert np.array_equal(again, out)
     covered = np.zeros(len(data), bool)
     for a in starts:
         covered[a : a + 4096] = True
