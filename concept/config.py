@@ -22,6 +22,8 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from concept import objstore
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 NORMALIZATIONS = ("raw", "log1p", "totalcount", "totalcount_log1p")
@@ -62,8 +64,9 @@ class PathConfig:
 
     def __post_init__(self) -> None:
         # absolute paths: worker processes and the registry child run in other folders
+        # (s3:// URIs stay as they are: concept.objstore)
         for name, value in vars(self).items():
-            if isinstance(value, str) and value:
+            if isinstance(value, str) and value and not objstore.is_uri(value):
                 setattr(self, name, str(Path(value).expanduser().absolute()))
 
 

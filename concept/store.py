@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from concept import objstore
+
 FORMAT = "concept-token-store"
 FORMAT_VERSION = 1
 
@@ -123,9 +125,12 @@ def float_dtype_for(requested: str, max_value: float) -> np.dtype:
     return np.dtype(requested)
 
 
-def store_path(compiled_root: str | Path, source_name: str, stem: str) -> Path:
+def store_path(compiled_root: str | Path, source_name: str, stem: str) -> Path | str:
     """``<COMPILED_ROOT>/<source_name>/<stem>.zarr``; ``stem`` is the source file's path
-    relative to its split's ``source_path`` without suffix (``sample1/adata``)."""
+    relative to its split's ``source_path`` without suffix (``sample1/adata``). A string
+    for an ``s3://`` root (:mod:`concept.objstore`)."""
+    if objstore.is_uri(compiled_root):
+        return objstore.join(compiled_root, source_name, f"{stem}.zarr")
     return Path(compiled_root) / source_name / f"{stem}.zarr"
 
 
@@ -375,9 +380,16 @@ def compile_command(attrs: dict, project_path: str | Path, base: dict | None = N
 
 
 def read_attrs(path: str | Path) -> dict:
-    """Root attributes of a store (plain JSON read; raises StoreError when not a store)."""
+    """Root attributes of a store (plain JSON read; raises StoreError when not a store).
+
+    An ``s3://`` store exists once its ``zarr.json``, uploaded last, does
+    (:func:`concept.objstore.publish`).
+    """
     try:
-        text = (Path(path) / "zarr.json").read_text()
+        if objstore.is_uri(path):
+            text = objstore.read_text(objstore.join(path, "zarr.json"))
+        else:
+            text = (Path(path) / "zarr.json").read_text()
     except FileNotFoundError:
         raise StoreError(f"{path}: not a token store (no zarr.json)") from None
     return _root_attrs(path, text)

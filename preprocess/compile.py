@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from concept import objstore
 from concept.cli import entry_point
 from concept.config import Config, ConfigError
 from concept.h5ad import open_source
@@ -203,6 +204,12 @@ def check_output_folders(cfg: Config, jobs: list[FileJob]) -> None:
             f"PATH.PROJECT_PATH={project} does not exist: pass the project folder (the one "
             "holding data/, references/ and panels/); nothing was written"
         )
+    if objstore.is_uri(cfg.PATH.COMPILED_ROOT):
+        try:  # a missing bucket or refused credentials: before any work
+            objstore.check_writable(cfg.PATH.COMPILED_ROOT)
+        except objstore.ObjectStoreError as e:
+            raise ConfigError(f"PATH.COMPILED_ROOT: {e}; nothing was compiled") from None
+        return
     folders = {Path(cfg.PATH.COMPILED_ROOT)} | {Path(j.out).parent for j in jobs}
     for folder in sorted(folders):
         while not folder.exists():  # created on demand: its first existing parent must take it
@@ -221,19 +228,23 @@ def check_output_folders(cfg: Config, jobs: list[FileJob]) -> None:
 def write_report(cfg: Config, reports: list[FileReport]) -> bool:
     """``compile_report[_<i>of<n>].json`` under the compiled root; False (said on stderr)
     when it cannot be written (a full disk)."""
-    root = Path(cfg.PATH.COMPILED_ROOT)
+    root = cfg.PATH.COMPILED_ROOT
     suffix = (
         f"_{cfg.compile.shard_index}of{cfg.compile.num_shards}"
         if cfg.compile.num_shards > 1
         else ""
     )
-    path = root / f"compile_report{suffix}.json"
+    name = f"compile_report{suffix}.json"
     text = json.dumps(
         {"settings": asdict(cfg.compile), "files": [r.to_dict() for r in reports]}, indent=2
     )
+    path = objstore.join(root, name) if objstore.is_uri(root) else Path(root) / name
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        if objstore.is_uri(root):
+            objstore.write(path, text.encode())
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
     except OSError as e:
         print(f"error: cannot write {path} ({e.strerror or e})", file=sys.stderr)
         return False

@@ -11,7 +11,8 @@ Two passes with bounded memory:
 Only the per-cell index arrays grow with the number of cells (about 40 bytes per cell).
 The store is built under a temporary name, flushed to disk and swapped in when complete
 (:func:`replace_store`), under a per-store lock, so a killed compile never leaves a half
-store or loses the old one, and two compiles never collide.
+store or loses the old one, and two compiles never collide. A store for an ``s3://`` URI
+is built in a local temporary folder and published (:func:`concept.objstore.publish`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from concept import objstore
 from concept import store as fmt
 from concept.h5ad import match_genes, open_source
 from concept.tokenize import drop_duplicate_columns, gather_cells, tokenize_csr
@@ -418,7 +420,8 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         store=job.out,
         name=f"{job.source_name}/{job.name}",
     )
-    out = Path(job.out)
+    remote = objstore.is_uri(job.out)  # built locally next to a stand-in, then published
+    out = objstore.staging(job.out) if remote else Path(job.out)
     try:
         if job.mapping not in _MAPPINGS:
             _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
@@ -435,9 +438,9 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
             recover(out)
             if (
                 not job.force
-                and fmt.stale_reason(out, source, mapping.sha256, job.settings) is None
+                and fmt.stale_reason(job.out, source, mapping.sha256, job.settings) is None
             ):
-                attrs = fmt.read_attrs(out)
+                attrs = fmt.read_attrs(job.out)
                 report.status, report.n_cells, report.nnz = (
                     "skipped",
                     attrs["n_cells"],
@@ -450,7 +453,10 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
             try:
                 _build(job, mapping, tmp, inputs, report, progress)
-                replace_store(tmp, out)
+                if remote:
+                    objstore.publish(tmp, job.out)
+                else:
+                    replace_store(tmp, out)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         report.status = "compiled"

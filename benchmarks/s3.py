@@ -1,0 +1,159 @@
+"""S3 range reads from a loopback SeaweedFS: the client of ``concept.objstore`` (obstore)
+against tensorstore's ``s3`` kvstore, in one run.
+
+Usage::
+
+    .venv/bin/python benchmarks/s3.py [--mib 64] [--json PATH]
+
+The loader reads contiguous entry ranges of shard files (a 32-cell block of tokens or
+values is some 10-100 KiB) and, once per shard, its index (the last bytes). This script
+starts ``weed mini`` on 127.0.0.1 (``tests/s3server.py``), uploads one object of ``--mib``
+MiB, and times random byte-range reads of 4 KiB, 64 KiB and 1 MiB at 1, 8, 32 and 64
+requests in flight, with
+
+``obstore``
+    ``concept.objstore.S3Files.read_into``: the reader's path (futures on the process's S3
+    event loop, bytes copied into the destination buffer, ``If-Match`` on the ETag).
+``obstore-many``
+    ``concept.objstore.S3Files.read_many``: the same, handing each wave of requests to the
+    event loop at once.
+``tensorstore``
+    ``tensorstore.KvStore`` (``s3`` driver) ``read(key, byte_range=...)`` futures, with
+    ``s3_request_concurrency`` set to the same number.
+
+Each cell is the median of 3 timed rounds after one warm-up round; the load average is
+printed, since the server shares the machine's cores with the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from s3server import SeaweedServer  # noqa: E402
+
+from concept import objstore  # noqa: E402
+
+SIZES = (4 << 10, 64 << 10, 1 << 20)
+CONCURRENCY = (1, 8, 32, 64)
+KEY = "bench/object"
+
+
+def _obstore(files: objstore.S3Files, starts: np.ndarray, size: int, conc: int) -> None:
+    buf = memoryview(bytearray(size * conc))
+    for i in range(0, len(starts), conc):  # ``conc`` requests in flight, then the next wave
+        wave = starts[i : i + conc]
+        pending = [
+            files.read_into("object", int(a), buf[j * size : (j + 1) * size])
+            for j, a in enumerate(wave)
+        ]
+        for f in pending:
+            f.result()
+
+
+def _obstore_many(files: objstore.S3Files, starts: np.ndarray, size: int, conc: int) -> None:
+    buf = memoryview(bytearray(size * conc))
+    for i in range(0, len(starts), conc):
+        wave = starts[i : i + conc]
+        reads = [("object", int(a), buf[j * size : (j + 1) * size]) for j, a in enumerate(wave)]
+        files.read_many(reads).result()
+
+
+def _tensorstore(kv, starts: np.ndarray, size: int, conc: int) -> None:
+    for i in range(0, len(starts), conc):
+        wave = [
+            kv.read("object", byte_range=slice(int(a), int(a) + size)) for a in starts[i : i + conc]
+        ]
+        for f in wave:
+            f.result()
+
+
+def measure(mib: int) -> list[dict]:
+    import tensorstore as ts
+
+    rows = []
+    tmp = tempfile.TemporaryDirectory(prefix="s3-bench-")
+    with tmp, SeaweedServer(Path(tmp.name) / "data") as server:
+        os.environ.update(server.env())
+        data = np.random.default_rng(0).integers(0, 256, mib << 20, dtype=np.uint8)
+        objstore.write(f"s3://{server.bucket}/{KEY}", data.tobytes())
+        files = objstore.S3Files(f"s3://{server.bucket}/bench")
+        rng = np.random.default_rng(1)
+        for size in SIZES:
+            n = int(np.clip((64 << 20) // size, 128, 2048))  # ~64 MiB or 2048 requests
+            for conc in CONCURRENCY:
+                kv = ts.KvStore.open(
+                    {
+                        "driver": "s3",
+                        "bucket": server.bucket,
+                        "path": "bench/",
+                        "endpoint": server.endpoint,
+                        "aws_region": "us-east-1",
+                        "aws_credentials": {"type": "environment"},
+                        "context": {"s3_request_concurrency": {"limit": conc}},
+                    }
+                ).result()
+                clients = {
+                    "obstore": lambda s, sz=size, c=conc: _obstore(files, s, sz, c),
+                    "obstore-many": lambda s, sz=size, c=conc: _obstore_many(files, s, sz, c),
+                    "tensorstore": lambda s, sz=size, c=conc, kv=kv: _tensorstore(kv, s, sz, c),
+                }
+                for name, run in clients.items():
+                    times = []
+                    for _ in range(4):
+                        starts = rng.integers(0, len(data) - size, n)
+                        t0 = time.perf_counter()
+                        run(starts)
+                        times.append(time.perf_counter() - t0)
+                    dt = statistics.median(times[1:])
+                    rows.append(
+                        {
+                            "client": name,
+                            "bytes": size,
+                            "in_flight": conc,
+                            "requests_per_s": round(n / dt, 1),
+                            "mib_per_s": round(n * size / dt / 2**20, 1),
+                            "ms_per_request_wave": round(dt / -(-n // conc) * 1e3, 2),
+                        }
+                    )
+                    print(
+                        f"{name:<12} {size >> 10:>5} KiB  in flight {conc:>3}  "
+                        f"{rows[-1]['requests_per_s']:>8.0f} req/s  "
+                        f"{rows[-1]['mib_per_s']:>7.1f} MiB/s",
+                        flush=True,
+                    )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=64, help="size of the object read (MiB)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+    rows = measure(args.mib)
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg": os.getloadavg(),
+    }
+    print(f"load average at the end: {machine['loadavg'][0]:.2f} ({machine['cpu_count']} cores)")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "range_reads": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
