@@ -29,8 +29,6 @@ import resource
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -438,26 +436,27 @@ class _FdPool:
         self._open: OrderedDict[tuple[int, str], list[int]] = OrderedDict()  # [fd, users]
         self._gone: list[int] = []  # owners whose descriptors are to be closed
 
-    @contextmanager
-    def open(self, owner: int, path: str) -> Iterator[int]:
-        """A read-only descriptor of ``path`` for the duration of the block."""
-        key = (owner, path)
+    def acquire(self, owner: int, root: Path, name: str) -> tuple[tuple[int, str], list[int]]:
+        """A read-only descriptor (``entry[0]``) of file ``root/name``, in use until
+        :meth:`release` (a plain pair of calls: a context manager costs more than a read)."""
+        key = (owner, name)
         with self._lock:
-            entry = self._open.pop(key, None)
+            entry = self._open.get(key)
             if entry is None:
                 self._close_gone()
-                entry = [os.open(path, os.O_RDONLY | os.O_CLOEXEC), 0]
                 excess = len(self._open) + 1 - _fd_capacity()
                 self._drop(list(itertools.islice(self._open, max(excess, 0))))
+                entry = self._open[key] = [os.open(f"{root}/{name}", os.O_RDONLY | os.O_CLOEXEC), 0]
+            else:
+                self._open.move_to_end(key)
             entry[1] += 1
-            self._open[key] = entry
-        try:
-            yield entry[0]
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if not entry[1] and self._open.get(key) is not entry:
-                    os.close(entry[0])  # evicted or forgotten while in use
+        return key, entry
+
+    def release(self, key: tuple[int, str], entry: list[int]) -> None:
+        with self._lock:
+            entry[1] -= 1
+            if not entry[1] and self._open.get(key) is not entry:
+                os.close(entry[0])  # evicted or forgotten while in use
 
     def _drop(self, keys: list) -> None:
         for key in keys:
@@ -510,15 +509,21 @@ class _LocalFiles:
 
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
         """Bytes ``[offset, offset + len(out))`` of a file; FileNotFoundError when absent."""
-        with _FDS.open(self._owner, f"{self.root}/{name}") as fd:
-            got = os.preadv(fd, [out], offset)
+        key, entry = _FDS.acquire(self._owner, self.root, name)
+        try:
+            got = os.preadv(entry[0], [out], offset)
+        finally:
+            _FDS.release(key, entry)
         if got != len(out):
             raise OSError(f"{self.root}/{name}: short read ({got} of {len(out)} bytes)")
 
     def tail(self, name: str, n: int) -> bytes:
         """The last ``n`` bytes of a file; FileNotFoundError when absent."""
-        with _FDS.open(self._owner, f"{self.root}/{name}") as fd:
-            return os.pread(fd, n, os.fstat(fd).st_size - n)
+        key, entry = _FDS.acquire(self._owner, self.root, name)
+        try:
+            return os.pread(entry[0], n, os.fstat(entry[0]).st_size - n)
+        finally:
+            _FDS.release(key, entry)
 
     def map(self, name: str, dtype: np.dtype) -> np.ndarray | None:
         """A whole file as a read-only array, memory-mapped; FileNotFoundError when absent.
@@ -664,7 +669,9 @@ class _Column:
         return chunk
 
     def __getitem__(self, s: slice) -> np.ndarray:
-        a, b, _ = s.indices(self.length)
+        """Elements ``[s.start, s.stop)`` (non-negative bounds within the array, or None)."""
+        a = 0 if s.start is None else s.start
+        b = self.length if s.stop is None else s.stop
         if self._raw is None:
             if self._copy is None:
                 self._copy = self.store.read(self.name, 0, self.length)
@@ -717,6 +724,7 @@ class TokenStore:
         self.mode = mode
         self.files = _LocalFiles(self.path)
         self._meta: dict[str, dict] = {}
+        self._dtypes: dict[str, np.dtype] = {}
         self._raws: dict[str, _RawArray] = {}
         self._columns: dict[str, _Column] = {}
         self._memory: dict[str, np.ndarray] = {}  # whole arrays, when held in memory
@@ -751,7 +759,10 @@ class TokenStore:
         return tuple(self._array_meta(name)["shape"])
 
     def dtype(self, name: str) -> np.dtype:
-        return np.dtype(self._array_meta(name)["data_type"])
+        dt = self._dtypes.get(name)
+        if dt is None:
+            dt = self._dtypes[name] = np.dtype(self._array_meta(name)["data_type"])
+        return dt
 
     def categories(self, key: str) -> list[str] | None:
         """Category names of obs column ``key`` (None when the store has no such array)."""

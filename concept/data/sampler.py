@@ -28,6 +28,8 @@ every global batch, so all ranks see the same number of batches, from the same g
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -70,6 +72,13 @@ class _Part:
 
     def head(self, k: int) -> _Part:
         return _Part(self.store, k, None if self.cells is None else self.cells[:k])
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the system: glibc keeps the building's temporaries
+    (several times the schedule's size) as the process's own otherwise."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _parts(sizes: np.ndarray, groups: list[int | np.ndarray]) -> list[list[_Part]]:
@@ -288,6 +297,7 @@ class BlockSampler:
             np.searchsorted(batch[runs], np.arange(len(rank) + 1)).astype(np.int64),
         )
         self._cached = (epoch, schedule)
+        _release_freed_memory()
         return schedule
 
     def rank_slice(self, batch: Reads) -> Reads:
