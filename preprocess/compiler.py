@@ -161,16 +161,26 @@ def _build(
         try:
             blocks = src.blocks(job.rows_per_read, job.entries_per_read, scratch_dir=scratch)
             for a, indptr, indices, data in blocks:
-                try:
-                    blk = tokenize_csr(indptr, indices, data, col_tokens, s["normalization"])
-                except InputError as e:
-                    raise InputError(
-                        f"{job.source}: rows {a}..{a + len(indptr) - 2}: {e}"
-                    ) from None
                 m = len(indptr) - 1
-                total_counts[a : a + m] = blk.total_counts
-                n_genes[a : a + m] = blk.n_genes
-                nnz[a : a + m] = np.diff(blk.indptr)
+                # the block's cells in bucket order: each bucket's entries come out contiguous
+                bucket = out_pos[a : a + m] // bucket_cells
+                order = np.argsort(bucket, kind="stable")
+                try:
+                    blk = tokenize_csr(
+                        indptr,
+                        indices,
+                        data,
+                        col_tokens,
+                        s["normalization"],
+                        cells=order,
+                        token_dtype=mapping.token_dtype,
+                    )
+                except InputError as e:
+                    raise InputError(f"{job.source}: rows {a}..{a + m - 1}: {e}") from None
+                rows = a + order
+                total_counts[rows] = blk.total_counts
+                n_genes[rows] = blk.n_genes
+                nnz[rows] = np.diff(blk.indptr)
                 vals = blk.values if raw else blk.values.astype(s["value_dtype"])
                 val_dtype = vals.dtype
                 if vals.size:
@@ -179,21 +189,15 @@ def _build(
                     vmax = max(vmax, float(vals.max()))
                     if integral and vals.dtype.kind == "f":  # float storage of counts is common
                         integral = bool(np.array_equal(vals, np.floor(vals)))
-                # Scatter this block's cells to their buckets, in bucket order.
-                bucket = out_pos[a : a + m] // bucket_cells
-                order = np.argsort(bucket, kind="stable")
-                idx = gather_cells(blk.indptr, order)
-                toks = blk.tokens[idx].astype(mapping.token_dtype)
-                vals = vals[idx]
                 cuts = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-                ecuts = np.concatenate([[0], np.cumsum(np.diff(blk.indptr)[order])])[cuts]
+                ecuts = blk.indptr[cuts]
                 for b in np.flatnonzero(np.diff(cuts)):
-                    toks[ecuts[b] : ecuts[b + 1]].tofile(tok_files[b])
+                    blk.tokens[ecuts[b] : ecuts[b + 1]].tofile(tok_files[b])
                     vals[ecuts[b] : ecuts[b + 1]].tofile(val_files[b])
-                    pos_lists[b].append(out_pos[a : a + m][order[cuts[b] : cuts[b + 1]]])
+                    pos_lists[b].append(out_pos[rows[cuts[b] : cuts[b + 1]]])
                 if progress is not None:
                     progress.put(m)
-                del blk, idx, toks, vals, order  # free before the next block is read
+                del blk, vals  # free before the next block is read
         finally:
             for fh in tok_files + val_files:
                 fh.close()
