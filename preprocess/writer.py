@@ -7,6 +7,7 @@ benchmarks write synthetic corpora through it directly, so both make the same by
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,21 +27,86 @@ def compressors(name: str | None):
     return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
 
 
+def _raw_shards(array) -> bool:
+    """Whether ``array``'s shards are plain bytes: the sharding codec with uncompressed
+    inner chunks, the index at the end (little-endian offsets and lengths, crc32c), on a
+    little-endian machine. :func:`_shard_buffers` writes exactly zarr's bytes for those."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    codecs = array.metadata.codecs
+    if sys.byteorder != "little" or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return False
+    shard, little = codecs[0], BytesCodec(endian="little")
+    return (
+        shard.codecs == (little,)
+        and shard.index_codecs == (little, Crc32cCodec())
+        and shard.index_location.value == "end"
+    )
+
+
+def _shard_buffers(data: np.ndarray, shard: int, chunk: int) -> list:
+    """The bytes of one shard file holding ``data`` (its first ``len(data)`` elements),
+    as zarr writes them: the chunks that are not all zero (the fill value), the last one
+    padded with zeros, in order, then the index (offset, length per chunk; 2**64-1 for
+    an omitted chunk) and its crc32c. Empty when every chunk is zero (no file)."""
+    import google_crc32c
+
+    n_full, rest = divmod(len(data), chunk)
+    parts = [data[: n_full * chunk]]
+    if rest:
+        tail = np.zeros(chunk, data.dtype)
+        tail[:rest] = data[n_full * chunk :]
+        parts.append(tail)
+    present = np.concatenate([p.reshape(-1, chunk).any(axis=1) for p in parts])
+    if not present.any():
+        return []
+    if not present.all():  # keep only the chunks zarr keeps
+        kept = np.concatenate([p.reshape(-1, chunk) for p in parts])[present]
+        parts = [kept.ravel()]
+    index = np.full((shard // chunk, 2), 2**64 - 1, np.uint64)
+    nbytes = chunk * data.itemsize
+    slots = np.flatnonzero(present)
+    index[slots, 0] = np.arange(len(slots), dtype=np.uint64) * nbytes
+    index[slots, 1] = nbytes
+    index_bytes = index.tobytes()
+    crc = np.uint32(google_crc32c.value(index_bytes)).tobytes()
+    return [memoryview(p).cast("B") for p in parts] + [index_bytes + crc]
+
+
 class _ShardWriter:
     """Appends to a 1-D Zarr array in whole shards, so no shard is ever rewritten. Writes
-    run on a background thread (one at a time, in order) while the next bucket is built."""
+    run on a background thread (one at a time, in order) while the next bucket is built.
+    Plain (uncompressed) shards are written as files directly (:func:`_shard_buffers`):
+    the same bytes as zarr's, without its per-chunk cost."""
 
-    def __init__(self, array, shard: int, dtype: np.dtype, pool: ThreadPoolExecutor):
-        self.array, self.shard, self.dtype, self.pool = array, shard, dtype, pool
+    def __init__(self, array, folder: Path, dtype: np.dtype, pool: ThreadPoolExecutor):
+        self.array, self.folder, self.dtype, self.pool = array, folder, dtype, pool
+        self.shard = array.shards[0]
+        self.raw = _raw_shards(array)
         self.pos, self.pending, self.writes = 0, [], []
+
+    def _write_raw(self, start: int, data: np.ndarray) -> None:
+        chunk = self.array.chunks[0]
+        for a in range(0, len(data), self.shard):
+            buffers = _shard_buffers(data[a : a + self.shard], self.shard, chunk)
+            if not buffers:
+                continue
+            path = self.folder / self.array.metadata.encode_chunk_key(((start + a) // self.shard,))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                for b in buffers:
+                    fh.write(b)
 
     def _write(self, data: np.ndarray) -> None:
         while len(self.writes) > 1:  # bound the buffers in flight
             self.writes.pop(0).result()
         start = self.pos
-        self.writes.append(
-            self.pool.submit(self.array.__setitem__, slice(start, start + len(data)), data)
-        )
+        if self.raw:
+            self.writes.append(self.pool.submit(self._write_raw, start, data))
+        else:
+            self.writes.append(
+                self.pool.submit(self.array.__setitem__, slice(start, start + len(data)), data)
+            )
         self.pos += len(data)
 
     def append(self, data: np.ndarray) -> None:
@@ -89,7 +155,7 @@ class StoreWriter:
     ):
         import zarr
 
-        self.settings, self.nnz = settings, nnz
+        self.settings, self.nnz, self.folder = settings, nnz, Path(tmp)
         self.comp = compressors(settings["compressor"])
         self.root = zarr.open_group(tmp, mode="a", zarr_format=3)
         self.pool = ThreadPoolExecutor(1)
@@ -107,7 +173,7 @@ class StoreWriter:
             compressors=self.comp,
             fill_value=0,
         )
-        return _ShardWriter(arr, s["shard_elements"], dtype, self.pool)
+        return _ShardWriter(arr, self.folder / name, dtype, self.pool)
 
     def append(self, tokens: np.ndarray, values: np.ndarray) -> None:
         """The next entries, in stored order."""
