@@ -131,9 +131,10 @@ def _counting_pass(src_t, src_k, dst_t, dst_k, off, n, kmax, hist):
 
 
 @numba.njit(nogil=True, cache=True)
-def _order_cells(indptr, indices, keys, col_tokens, cells, out_t, out_k, kept, n_genes):
+def _order_cells(indptr, indices, keys, col_tokens, cells, out_t, out_k, kept, n_genes, sums):
     """Kept entries of ``cells`` (in that order) into ``out_t``/``out_k``, each cell by
-    value key descending then token ascending; ``kept``/``n_genes`` per emitted cell.
+    value key descending then token ascending; ``kept``, ``n_genes`` and the float64 sum
+    of the keys (the row sum, where the keys are the values) per emitted cell.
     Returns the number of entries written."""
     longest = 0
     for i in range(len(indptr) - 1):
@@ -152,11 +153,13 @@ def _order_cells(indptr, indices, keys, col_tokens, cells, out_t, out_k, kept, n
         prev = -1
         t_or, t_and = 0, -1
         k_or, k_and, kmax = np.int64(0), np.int64(-1), np.int64(0)
+        total = 0.0
         for j in range(indptr[i], indptr[i + 1]):
             k = keys[j]
             if k == 0:
                 continue
             nonzero += 1
+            total += k
             t = np.int64(col_tokens[indices[j]])
             if t < 0:
                 continue
@@ -173,6 +176,7 @@ def _order_cells(indptr, indices, keys, col_tokens, cells, out_t, out_k, kept, n
             kmax = max(kmax, kk)
         kept[c] = n
         n_genes[c] = nonzero
+        sums[c] = total
         # the passes to run: varying token bytes (unless ascending), then the value key
         t_diff = 0 if ascending else t_or ^ t_and
         k_diff = k_or ^ k_and
@@ -215,6 +219,7 @@ def tokenize_csr(
     normalization: str = "raw",
     cells: np.ndarray | None = None,
     token_dtype: np.dtype = np.int64,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TokenizedBlock:
     """Tokenize a CSR block of cells.
 
@@ -232,6 +237,11 @@ def tokenize_csr(
         the result follows it.
     token_dtype
         The dtype of the returned tokens (the compiler asks for the store's).
+    out
+        Buffers to reuse: ``len(data)`` tokens of ``token_dtype`` and ``len(data)`` value
+        keys (:func:`value_keys`, at most 8 bytes each) at least; the result's tokens (and
+        raw values, where the keys are the values) are views into them. Default: new
+        arrays.
 
     Raises
     ------
@@ -248,19 +258,54 @@ def tokenize_csr(
             raise InputError(f"negative expression values (min {data.min()})")
     cells = np.arange(len(indptr) - 1) if cells is None else np.asarray(cells, np.int64)
     keys = value_keys(data)
-    tokens = np.empty(len(data), token_dtype)
-    ordered = np.empty(len(data), keys.dtype)
+    if out is None:
+        tokens, ordered = np.empty(len(data), token_dtype), np.empty(len(data), keys.dtype)
+    else:
+        tokens = out[0]
+        ordered = out[1].view(np.uint8)[: len(data) * keys.itemsize].view(keys.dtype)
     kept = np.empty(len(cells), np.int64)
     n_genes = np.empty(len(cells), np.int32)
+    sums = np.empty(len(cells), np.float64)
     col_tokens = np.asarray(col_tokens, np.int32)
-    total = _order_cells(indptr, indices, keys, col_tokens, cells, tokens, ordered, kept, n_genes)
+    args = (indptr, indices, keys, col_tokens, cells, tokens, ordered, kept, n_genes, sums)
+    total = _order_cells(*args)
     out_indptr = np.zeros(len(cells) + 1, np.int64)
     np.cumsum(kept, out=out_indptr[1:])
     values = key_values(ordered[:total], data.dtype)
-    total_counts = row_sums(indptr, data)[cells]
+    # Integer keys of 32 bits are the values and their float64 sums exact in any order;
+    # other sums are numpy's (its summation order, as the stores have always held them).
+    exact = data.dtype.kind in "iu" and keys.itemsize == 4
+    total_counts = sums if exact else row_sums(indptr, data)[cells]
     if normalization != "raw":
         values = normalize(values, np.repeat(total_counts, kept), normalization)
     return TokenizedBlock(out_indptr, tokens[:total], values, total_counts, n_genes)
+
+
+@numba.njit(nogil=True, cache=True)
+def _take_cells(indptr, order, tokens, values, out_tokens, out_values):
+    pos = 0
+    for c in range(len(order)):
+        a, b = indptr[order[c]], indptr[order[c] + 1]
+        out_tokens[pos : pos + b - a] = tokens[a:b]
+        out_values[pos : pos + b - a] = values[a:b]
+        pos += b - a
+    return pos
+
+
+def take_cells(
+    indptr: np.ndarray,
+    order: np.ndarray,
+    tokens: np.ndarray,
+    values: np.ndarray,
+    out: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Packed cells (``indptr``) put in ``order``: their tokens and values copied into the
+    ``out`` buffers (of the same dtypes, long enough); returns the filled views."""
+    raw = f"u{values.itemsize}"  # copied as bytes (numba has no float16)
+    n = _take_cells(
+        indptr, np.asarray(order, np.int64), tokens, values.view(raw), out[0], out[1].view(raw)
+    )
+    return out[0][:n], out[1][:n]
 
 
 def drop_duplicate_columns(col_tokens: np.ndarray) -> int:
