@@ -314,20 +314,37 @@ class H5adSource:
         rows_per_block: int,
         max_entries: int | None = None,
         scratch_dir: str | Path | None = None,
+        buffers: int = 0,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(first_row, indptr, indices, data)`` CSR blocks of consecutive rows.
 
         A block has at most ``rows_per_block`` rows and, when given, about ``max_entries``
         stored entries (at least one row): memory follows entries, not rows. A CSC matrix
         needs scratch space on disk about the size of its entries, in a temporary folder
-        under ``scratch_dir`` (default: the system's).
+        under ``scratch_dir`` (default: the system's). With ``buffers=k``, a CSR matrix in
+        an ``.h5ad`` is read into ``k`` sets of arrays used in turn, so a block stays valid
+        only until ``k - 1`` more are read (fresh memory costs more than the read).
         """
         n = self.n_cells
         if self.encoding == "csr_matrix":
             indptr = self._x["indptr"][:].astype(np.int64)
-            for a, b in row_ranges(indptr, rows_per_block, max_entries):
+            indices, data = self._x["indices"], self._x["data"]
+            ring = [] if not buffers or not hasattr(indices, "read_direct") else [None] * buffers
+            for k, (a, b) in enumerate(row_ranges(indptr, rows_per_block, max_entries)):
                 lo, hi = indptr[a], indptr[b]
-                yield a, indptr[a : b + 1], self._x["indices"][lo:hi], self._x["data"][lo:hi]
+                if not ring:
+                    yield a, indptr[a : b + 1], indices[lo:hi], data[lo:hi]
+                    continue
+                slot = k % len(ring)
+                if ring[slot] is None or len(ring[slot][0]) < hi - lo:
+                    size = max(hi - lo, max_entries or 0)
+                    ring[slot] = (np.empty(size, indices.dtype), np.empty(size, data.dtype))
+                out = []
+                for ds, buf in zip((indices, data), ring[slot], strict=True):
+                    if hi > lo:
+                        ds.read_direct(buf, np.s_[lo:hi], np.s_[: hi - lo])
+                    out.append(buf[: hi - lo])
+                yield a, indptr[a : b + 1], *out
         elif self.encoding == "csc_matrix":
             yield from self._csc_blocks(rows_per_block, max_entries or DEFAULT_ENTRIES, scratch_dir)
         else:
@@ -578,6 +595,20 @@ def open_source(
     return AnnDataSource(source, x_source, name or "<AnnData>")
 
 
+_TOKENS_OF: dict[tuple[str, str], np.ndarray] = {}  # (vocabulary hash, ids hash) -> tokens
+
+
+def _tokens_of(mapping: TokenMapping, ids: np.ndarray) -> np.ndarray:
+    """``mapping.tokens_of(ids)``, remembered for the last few gene lists: the files of a
+    corpus often share one, and matching costs ~10 us per gene (a copy is returned)."""
+    key = (mapping.sha256, hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest())
+    if key not in _TOKENS_OF:
+        if len(_TOKENS_OF) >= 8:
+            del _TOKENS_OF[next(iter(_TOKENS_OF))]
+        _TOKENS_OF[key] = mapping.tokens_of(ids)
+    return _TOKENS_OF[key].copy()
+
+
 def match_genes(
     src: H5adSource | AnnDataSource, mapping: TokenMapping, species: str, column: str | None = None
 ) -> tuple[np.ndarray, str, str | None]:
@@ -599,7 +630,7 @@ def match_genes(
         No gene overlaps; the message shows sample ids of both sides and the var columns.
     """
     ids = src.var_ids(column)
-    tokens = mapping.tokens_of(ids)
+    tokens = _tokens_of(mapping, ids)
     if (tokens >= 0).any():
         return tokens, "var_names" if column is None else f"var/{column}", None
     columns = src.var_columns()

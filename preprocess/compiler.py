@@ -21,9 +21,12 @@ import ctypes
 import errno
 import fcntl
 import os
+import queue
 import resource
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ import numpy as np
 from concept import objstore
 from concept import store as fmt
 from concept.h5ad import match_genes, open_source
-from concept.tokenize import drop_duplicate_columns, gather_cells, tokenize_csr
+from concept.tokenize import drop_duplicate_columns, take_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
 from preprocess.writer import StoreWriter
 
@@ -120,6 +123,134 @@ def _value_dtype(job: FileJob, report: FileReport, integral: bool, vmax: float) 
     return dtype
 
 
+PREFETCH = 1  # blocks read ahead by the reading thread while one is tokenized
+
+
+def _at_least(buffers: tuple[np.ndarray, np.ndarray], n: int, value_dtype: np.dtype):
+    """Token and value buffers of at least ``n`` entries: the same ones while they are
+    large enough, so that their pages are touched once per compile, not once per block."""
+    tokens, values = buffers
+    if len(tokens) < n or values.dtype != value_dtype:
+        tokens = np.empty(max(n, 2 * len(tokens)), tokens.dtype)
+        values = np.empty(len(tokens), value_dtype)
+    return tokens, values
+
+
+def _prefetch(items, depth: int):
+    """Iterate ``items`` with a thread producing up to ``depth`` ahead (h5py reads overlap
+    the tokenizer, which releases the GIL). Errors reach the caller; stopping early (an
+    error downstream) stops the thread before returning."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Buckets:
+    """Pass 1's scratch: per bucket, its cells' entries in arrival order and their output
+    positions. Values are kept block by block (segments) in the narrowest dtype that holds
+    that block exactly. In files under ``folder``, or in memory when there is a single
+    bucket (a small file: no scratch files at all)."""
+
+    def __init__(self, folder: Path, n_buckets: int, token_dtype: np.dtype, in_memory: bool):
+        self.folder, self.token_dtype, self.in_memory = folder, np.dtype(token_dtype), in_memory
+        self.positions: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
+        self.segments: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]  # values
+        self.tokens: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]  # in memory
+        self.files: list[tuple] = []
+        if not in_memory:
+            folder.mkdir(parents=True)
+            self.files = [
+                (open(folder / f"t{b}", "w+b"), open(folder / f"v{b}", "w+b"))
+                for b in range(n_buckets)
+            ]
+        self.buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8), np.empty(0, np.uint8)]
+
+    def add(self, b: int, tokens: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
+        self.positions[b].append(positions)
+        if self.in_memory:
+            self.tokens[b].append(tokens.copy())
+            self.segments[b].append(values.copy())
+        else:
+            tokens.tofile(self.files[b][0])
+            values.tofile(self.files[b][1])
+            self.segments[b].append(np.empty(len(values), values.dtype))  # dtype and count
+
+    def _buffer(self, i: int, n: int, dtype: np.dtype) -> np.ndarray:
+        """Reused buffer ``i`` as ``n`` items of ``dtype`` (grown when too small)."""
+        nbytes = n * np.dtype(dtype).itemsize
+        if len(self.buffers[i]) < nbytes:
+            self.buffers[i] = np.empty(2 * nbytes, np.uint8)
+        return self.buffers[i][:nbytes].view(dtype)
+
+    def read(self, b: int, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bucket ``b``'s output positions, tokens and values (as ``value_dtype``), in
+        reused buffers; its scratch files are dropped."""
+        segments = self.segments[b]
+        pos = np.concatenate(self.positions[b]) if segments else np.empty(0, np.int64)
+        n = sum(len(v) for v in segments)
+        tokens = self._buffer(0, n, self.token_dtype)
+        values = self._buffer(1, n, value_dtype)
+        if self.in_memory:
+            if segments:
+                np.concatenate(self.tokens[b], out=tokens)
+        else:
+            tf, vf = self.files[b]
+            tf.seek(0)
+            tf.readinto(memoryview(tokens).cast("B"))
+            packed = self._buffer(2, vf.tell(), np.uint8)
+            vf.seek(0)
+            vf.readinto(memoryview(packed))
+        at = offset = 0
+        for seg in segments:
+            k = len(seg)
+            if self.in_memory:
+                values[at : at + k] = seg
+            else:
+                values[at : at + k] = packed[offset : offset + seg.nbytes].view(seg.dtype)
+                offset += seg.nbytes
+            at += k
+        self.close(b)
+        return pos, tokens, values
+
+    def close(self, b: int | None = None) -> None:
+        """Drop bucket ``b``'s scratch (all buckets' when None)."""
+        for k in range(len(self.files)) if b is None else [b]:
+            for fh in self.files[k] if self.files else ():
+                if not fh.closed:
+                    fh.close()
+                    Path(fh.name).unlink()
+        if b is None:
+            self.tokens = self.segments = self.positions = []
+            if self.files and self.folder.exists():
+                self.folder.rmdir()
+
+
 def _build(
     job: FileJob, mapping: TokenMapping, tmp: Path, inputs: dict, report: FileReport, progress
 ) -> None:
@@ -155,59 +286,72 @@ def _build(
             perm = perm[np.argsort(obs[s["group_by"]][0][perm], kind="stable")]
             out_pos[perm] = np.arange(n)
 
-        scratch = tmp / "_scratch"
-        scratch.mkdir(parents=True)
-        tok_files = [open(scratch / f"t{b}", "wb") for b in range(n_buckets)]
-        val_files = [open(scratch / f"v{b}", "wb") for b in range(n_buckets)]
-        pos_lists: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
         total_counts = np.zeros(n, np.float32)
         n_genes = np.zeros(n, np.int32)
         nnz = np.zeros(n, np.int64)
-        # Scratch values keep the exact input dtype when raw (the store's dtype depends on
-        # the file's max, known only at the end); normalized values go straight to theirs
-        # (below 1e4 after totalcount, below 89 after log1p: float16 holds them).
+        # Normalized values go straight to their dtype (below 1e4 after totalcount, below
+        # 89 after log1p: float16 holds them); raw values stay exact until the file's max
+        # (and so the store's dtype) is known, in the narrowest dtype of each block.
         raw = s["normalization"] == "raw"
-        vmax, integral, val_dtype = 0.0, raw, None
+        vmax, integral = 0.0, raw
         vrange = [np.inf, -np.inf]  # of the stored values, for the non-integer warning
+        tmp.mkdir(parents=True)
+        buckets = _Buckets(
+            tmp / "_scratch", n_buckets, mapping.token_dtype, in_memory=n_buckets == 1
+        )
+        buffers: tuple[np.ndarray, np.ndarray] = (np.empty(0, mapping.token_dtype), np.empty(0))
         try:
-            blocks = src.blocks(job.rows_per_read, job.entries_per_read, scratch_dir=scratch)
-            for a, indptr, indices, data in blocks:
-                try:
-                    blk = tokenize_csr(indptr, indices, data, col_tokens, s["normalization"])
-                except InputError as e:
-                    raise InputError(
-                        f"{job.source}: rows {a}..{a + len(indptr) - 2}: {e}"
-                    ) from None
+            blocks = src.blocks(
+                job.rows_per_read, job.entries_per_read, scratch_dir=tmp, buffers=PREFETCH + 2
+            )
+            for a, indptr, indices, data in _prefetch(blocks, PREFETCH):
                 m = len(indptr) - 1
-                total_counts[a : a + m] = blk.total_counts
-                n_genes[a : a + m] = blk.n_genes
-                nnz[a : a + m] = np.diff(blk.indptr)
-                vals = blk.values if raw else blk.values.astype(s["value_dtype"])
-                val_dtype = vals.dtype
-                if vals.size:
-                    vrange = [min(vrange[0], float(vals.min())), max(vrange[1], float(vals.max()))]
-                if raw and vals.size:
-                    vmax = max(vmax, float(vals.max()))
-                    if integral and vals.dtype.kind == "f":  # float storage of counts is common
-                        integral = bool(np.array_equal(vals, np.floor(vals)))
-                # Scatter this block's cells to their buckets, in bucket order.
+                # the block's cells in bucket order: each bucket's entries come out contiguous
                 bucket = out_pos[a : a + m] // bucket_cells
                 order = np.argsort(bucket, kind="stable")
-                idx = gather_cells(blk.indptr, order)
-                toks = blk.tokens[idx].astype(mapping.token_dtype)
-                vals = vals[idx]
+                buffers = _at_least(buffers, len(data), np.dtype(np.uint64))  # value keys
+                try:
+                    blk = tokenize_csr(
+                        indptr,
+                        indices,
+                        data,
+                        col_tokens,
+                        s["normalization"],
+                        cells=order,
+                        token_dtype=mapping.token_dtype,
+                        out=buffers,
+                    )
+                except InputError as e:
+                    raise InputError(f"{job.source}: rows {a}..{a + m - 1}: {e}") from None
+                rows = a + order
+                total_counts[rows] = blk.total_counts
+                n_genes[rows] = blk.n_genes
+                nnz[rows] = np.diff(blk.indptr)
+                vals = blk.values if raw else blk.values.astype(s["value_dtype"])
+                exact = vals.dtype  # the block's scratch dtype
+                if vals.size:
+                    lo, hi = float(vals.min()), float(vals.max())
+                    vrange = [min(vrange[0], lo), max(vrange[1], hi)]
+                    whole = vals.dtype.kind in "iu" or np.array_equal(vals, np.floor(vals))
+                    if raw:
+                        vmax, integral = max(vmax, hi), integral and whole
+                        if whole and hi < 2**16:
+                            exact = fmt.uint_dtype_for(hi)
                 cuts = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-                ecuts = np.concatenate([[0], np.cumsum(np.diff(blk.indptr)[order])])[cuts]
+                ecuts = blk.indptr[cuts]
                 for b in np.flatnonzero(np.diff(cuts)):
-                    toks[ecuts[b] : ecuts[b + 1]].tofile(tok_files[b])
-                    vals[ecuts[b] : ecuts[b + 1]].tofile(val_files[b])
-                    pos_lists[b].append(out_pos[a : a + m][order[cuts[b] : cuts[b + 1]]])
+                    buckets.add(
+                        b,
+                        blk.tokens[ecuts[b] : ecuts[b + 1]],
+                        vals[ecuts[b] : ecuts[b + 1]].astype(exact, copy=False),
+                        out_pos[rows[cuts[b] : cuts[b + 1]]],
+                    )
                 if progress is not None:
                     progress.put(m)
-                del blk, idx, toks, vals, order  # free before the next block is read
-        finally:
-            for fh in tok_files + val_files:
-                fh.close()
+                del blk, vals  # free before the next block is read
+        except BaseException:
+            buckets.close()
+            raise
 
     if raw and not integral:
         report.warnings.append(
@@ -216,24 +360,24 @@ def _build(
             "counts; point compile.x_source at the raw counts (raw, layers/counts) if the file "
             "has them"
         )
-    val_dtype = val_dtype or np.dtype(np.float32)
     store_vdtype = _value_dtype(job, report, integral, vmax)
     total = int(nnz.sum())
     writer = StoreWriter(tmp, s, total, mapping.token_dtype, store_vdtype)
     out_nnz = nnz[perm]
-    for b in range(n_buckets):
-        pos = np.concatenate(pos_lists[b]) if pos_lists[b] else np.empty(0, np.int64)
-        counts = out_nnz[pos]
-        local = np.concatenate([[0], np.cumsum(counts)])
-        idx = gather_cells(local, np.argsort(pos))
-        writer.append(
-            np.fromfile(scratch / f"t{b}", dtype=mapping.token_dtype)[idx],
-            np.fromfile(scratch / f"v{b}", dtype=val_dtype)[idx],
-        )
-        (scratch / f"t{b}").unlink()
-        (scratch / f"v{b}").unlink()
-    writer.close_entries()
-    shutil.rmtree(scratch)
+    out: tuple[np.ndarray, np.ndarray] = (np.empty(0, mapping.token_dtype), np.empty(0))
+    try:
+        for b in range(n_buckets):
+            pos, tokens, values = buckets.read(b, store_vdtype)
+            local = np.zeros(len(pos) + 1, np.int64)
+            np.cumsum(out_nnz[pos], out=local[1:])
+            out = _at_least(out, len(tokens), store_vdtype)
+            writer.append(*take_cells(local, np.argsort(pos), tokens, values, out))
+        writer.close_entries()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        buckets.close()
     cells = writer.cells
 
     indptr = np.zeros(n + 1, np.int64)
@@ -317,16 +461,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_FSYNC_POOL: ThreadPoolExecutor | None = None
+
+
 def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` to disk."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+    """Flush every file and directory under ``root`` to disk. The flushes run from
+    several threads at once, so that the filesystem commits them together (a store has
+    a few dozen files: one after the other, each waits for its own journal commit)."""
+    global _FSYNC_POOL
+    if _FSYNC_POOL is None:
+        _FSYNC_POOL = ThreadPoolExecutor(8, thread_name_prefix="fsync")
+    files, folders = [], []
+    for dirpath, _, names in os.walk(root):
+        folders.append(Path(dirpath))
+        files += [os.path.join(dirpath, name) for name in names]
+    list(_FSYNC_POOL.map(_fsync_file, files))
+    list(_FSYNC_POOL.map(_fsync_dir, folders))
+
+
+def _reuse_freed_memory() -> None:
+    """Have glibc keep freed blocks (up to 32 MiB each) for reuse instead of handing them
+    back to the kernel: the compiler frees and reallocates arrays of that size for every
+    block and file, and on a VM every fresh page costs a fault that the host serves
+    (measured here: 2-4 ns per byte, more than the work done on it). No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
@@ -399,6 +570,20 @@ def recover(out: Path) -> None:
 
 
 _MAPPINGS: dict[str, TokenMapping] = {}
+_PANELS: set[tuple[str, int, int]] = set()  # panels read without error: (path, mtime, size)
+
+
+def _check_panel(path: str) -> None:
+    """Read a panel once per process and version (every file of a species names it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        read_panel(path)  # says what is wrong with it
+        raise
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _PANELS:
+        read_panel(path)
+        _PANELS.add(key)
 
 
 def compile_file(job: FileJob, progress=None) -> FileReport:
@@ -422,6 +607,7 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
     )
     remote = objstore.is_uri(job.out)  # built locally next to a stand-in, then published
     out = objstore.staging(job.out) if remote else Path(job.out)
+    _reuse_freed_memory()
     try:
         if job.mapping not in _MAPPINGS:
             _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
@@ -433,7 +619,7 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
             job.source if job.adata is None else open_source(job.adata, job.settings["x_source"])
         )
         for p in job.panels:
-            read_panel(p)  # a malformed panel fails its species' files, loudly
+            _check_panel(p)  # a malformed panel fails its species' files, loudly
         with store_lock(out):
             recover(out)
             if (
