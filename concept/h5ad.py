@@ -491,9 +491,11 @@ class AnnDataSource:
         rows_per_block: int,
         max_entries: int | None = None,
         scratch_dir: str | Path | None = None,
+        buffers: int = 0,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """``(first_row, indptr, indices, data)`` CSR blocks, as :meth:`H5adSource.blocks`
-        (``scratch_dir`` is not needed)."""
+        (``scratch_dir`` and ``buffers`` are not needed: blocks are views of the matrix,
+        valid as long as it is)."""
         import scipy.sparse as sp
 
         x = self._x
