@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from concept import objstore
 from concept import store as fmt
 from concept.data.batch import PackedBatch
 from concept.data.sampler import BlockSampler, Reads
@@ -52,7 +53,7 @@ class TokenLoader:
     Parameters
     ----------
     store_paths
-        The stores (``.zarr`` directories).
+        The stores (``.zarr`` directories or ``s3://`` URIs).
     batch_size
         Global batch size; each rank yields ``batch_size // world_size`` cells per batch.
     block_size
@@ -119,7 +120,7 @@ class TokenLoader:
         embeddings_key: str | None = None,
         rows: bool = True,
     ):
-        self.paths = [Path(p) for p in store_paths]
+        self.paths = [p if objstore.is_uri(p) else Path(p) for p in store_paths]
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
         self.readers = [TokenStore(p, reader) for p in self.paths]
