@@ -286,3 +286,36 @@ def test_loader_over_s3_yields_the_local_batches(s3_env, s3_compiled):
         objstore.write(objstore.join(victim, key), objstore.read(objstore.join(uris[0], key)))
     objstore.delete([objstore.join(victim, "values/c/0")])
     assert "'values' shards missing" in fmt.check_store(victim)
+
+
+def test_train_20_steps_from_s3(s3_env, s3_compiled, tmp_path):
+    """``PATH.COMPILED_ROOT=s3://...``: the stores are resolved and checked on S3, and 20
+    CPU steps train with finite losses."""
+    from test_train import TINY, VAL_SMALL, _train_losses
+
+    from concept.config import load_config
+    from concept.datamodule import read_mappings, resolve_stores
+    from concept.train import train
+
+    root, local = s3_compiled
+    project = next(iter(local.values())).parents[2]
+    cfg = load_config(
+        [
+            f"PATH.PROJECT_PATH={project}",
+            f"PATH.PRETRAINED_VOCABULARY={project}/references/embeddings/esm2_t30",
+            f"PATH.COMPILED_ROOT={root}",
+            f"PATH.CHECKPOINT_ROOT={tmp_path}",
+            *TINY,
+            *VAL_SMALL,
+            "model.training.max_steps=20",
+            "model.training.log_every_n_steps=1",
+            "model.training.val_check_interval=1000",
+            "wandb.run_name=s3",
+        ]
+    )
+    stores = resolve_stores(cfg, read_mappings(cfg))
+    assert stores.train and all(objstore.is_uri(p) for p in stores.train)
+    assert set(stores.train) <= {objstore.join(root, n) for n in local}
+    train(cfg)
+    losses = _train_losses(next(tmp_path.rglob("metrics.csv")).parent)
+    assert len(losses) == 20 and all(np.isfinite(v) for v in losses.values())
