@@ -177,20 +177,23 @@ def _counted(get):
 
 
 def _cells_per_s(path, prefetch: int) -> tuple[float, float]:
-    """Cells/s (median of 3 epochs after a warm-up one) and GET requests per batch."""
+    """Cells/s (median of 3 epochs after a warm-up one), GET requests per batch, and the
+    client's CPU seconds (all its threads) per wall second."""
     from concept.data import TokenLoader
 
     loader = TokenLoader(
         [path], batch_size=128, block_size=32, seed=0, prefetch=prefetch, pin_memory=False
     )
-    times = []
+    times, cpu = [], []
     for epoch in range(4):
         loader.set_epoch(epoch)
-        t0, n, _GETS[0] = time.perf_counter(), 0, 0
+        t0, c0, n, _GETS[0] = time.perf_counter(), time.process_time(), 0, 0
         for batch in loader:
             n += len(batch)
         times.append(time.perf_counter() - t0)
-    return n / statistics.median(times[1:]), _GETS[0] / len(loader)
+        cpu.append(time.process_time() - c0)
+    dt = statistics.median(times[1:])
+    return n / dt, _GETS[0] / len(loader), statistics.median(cpu[1:]) / dt
 
 
 def measure_loader(cells: int) -> list[dict]:
@@ -207,7 +210,7 @@ def measure_loader(cells: int) -> list[dict]:
         base = None
         for where, path, depths in (("local", local, (4,)), ("s3", uri, DEPTHS)):
             for depth in depths:
-                rate, gets = _cells_per_s(path, depth)
+                rate, gets, busy = _cells_per_s(path, depth)
                 base = base or rate
                 rows.append(
                     {
@@ -218,12 +221,13 @@ def measure_loader(cells: int) -> list[dict]:
                         "cells_per_s": round(rate),
                         "gets_per_batch": round(gets, 1),
                         "gets_per_s": round(gets * rate / 128),
+                        "client_cpu_per_wall_s": round(busy, 2),
                         "vs_local": round(rate / base, 2),
                     }
                 )
                 print(
                     f"loader {where:<5} prefetch {depth:>3}  {rate:>9.0f} cells/s  "
-                    f"({rate / base:.2f} of local)  {gets:.1f} GETs/batch",
+                    f"({rate / base:.2f} of local)  {gets:.1f} GETs/batch  client CPU {busy:.2f}",
                     flush=True,
                 )
     return rows

