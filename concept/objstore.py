@@ -38,8 +38,8 @@ from pathlib import Path
 SCHEME = "s3://"
 COMMIT = "zarr.json"  # a store's root metadata: uploaded last, the commit marker
 REQUESTS = 64  # concurrent requests per process
-RETRY = {
-    "max_retries": 10,
+RETRY = {  # retry_timeout binds: 10 retries of a refused connection take about 2 s
+    "max_retries": 100,
     "backoff": {
         "init_backoff": dt.timedelta(milliseconds=100),
         "max_backoff": dt.timedelta(seconds=8),
