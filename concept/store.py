@@ -740,10 +740,15 @@ class TokenStore:
     (DataLoader workers): descriptors and tensorstore handles are opened afresh in a
     child, and the per-cell arrays' mappings are inherited.
 
+    An ``s3://`` store (a string) is read through :class:`concept.objstore.S3Files`: a
+    read's range requests are all started at once and completed by the call
+    :meth:`submit` returns, and the per-cell arrays are private copies (objects cannot
+    be mapped); tensorstore reads it through its ``s3`` kvstore.
+
     Parameters
     ----------
     path
-        The store's ``.zarr`` directory.
+        The store's ``.zarr`` directory, or its ``s3://bucket/prefix`` URI.
     mode
         ``auto`` (raw bytes when the store is uncompressed, else tensorstore), ``raw`` or
         ``tensorstore``.
@@ -953,7 +958,7 @@ def open_store(path: str | Path, mode: str = "auto") -> TokenStore:
     Parameters
     ----------
     path
-        The store's ``.zarr`` directory.
+        The store's ``.zarr`` directory or ``s3://`` URI.
     mode
         ``auto``, ``raw`` or ``tensorstore`` (see :class:`TokenStore`).
 

@@ -374,3 +374,25 @@ def test_epoch_survives_a_server_restart(tmp_path, monkeypatch, compiled):
         assert not thread.is_alive() and not [e for e in rest if isinstance(e, Exception)]
         assert gets[1] > 0  # reads were issued while the server was down, and retried
         _assert_same_epochs(_epoch_of(got + rest), want)
+
+
+def test_compressed_and_plain_stores_on_s3_read_as_local(s3_env, tmp_path):
+    """A compressed store on S3 (tensorstore's ``s3`` kvstore) and an uncompressed one
+    (``S3Files``) give the batches, cells and per-cell arrays of the local copies."""
+    from test_corpus import SMALL, _write
+
+    from concept.data.loader import TokenLoader
+
+    root = _root()
+    for settings, mode in ((SMALL, "raw"), (SMALL | {"compressor": "zstd"}, "tensorstore")):
+        local = _write(tmp_path / f"{mode}.zarr", 0, 200, settings)
+        uri = objstore.join(root, local.name)
+        objstore.publish(local, uri)
+        remote = fmt.open_store(uri)
+        assert remote.mode == mode and isinstance(remote.files, objstore.S3Files)
+        kw = {"batch_size": 32, "block_size": 8, "obs_keys": ["ct"]}
+        want = _epoch(TokenLoader([local], **kw))
+        _assert_same_epochs(_epoch(TokenLoader([uri], **kw)), want)
+        here = fmt.open_store(local)
+        assert np.array_equal(remote.obs("ct")[0], here.obs("ct")[0])
+        assert np.array_equal(remote.var_tokens, here.var_tokens)
