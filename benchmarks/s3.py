@@ -4,14 +4,16 @@ local disk, in one run.
 
 Usage::
 
-    .venv/bin/python benchmarks/s3.py [--mib 64] [--cells 50000] [--json PATH]
+    .venv/bin/python benchmarks/s3.py [--mib 64] [--cells 50000] [--block-size 32]
+        [--depths 1 4 16 64] [--no-range-reads] [--json PATH]
 
 **Loader rows** (``--cells``, 0 skips them): one synthetic file of ``--cells`` cells x
 3,000 genes is compiled to local disk (defaults: uncompressed), and the same store is
-uploaded to the server (``concept.objstore.publish``). ``TokenLoader`` (batch 128, block
-32, ``num_workers=0``) then reads whole epochs of it, local first (warm: the page cache
-holds the store after the first epoch) and then from S3 at each read-ahead depth
-(``prefetch``, :data:`DEPTHS`), each the median of 3 epochs after a warm-up one.
+uploaded to the server (``concept.objstore.publish``). ``TokenLoader`` (batch 128,
+``--block-size`` 32, ``num_workers=0``) then reads whole epochs of it, local first (warm:
+the page cache holds the store after the first epoch) and then from S3 at each read-ahead
+depth (``prefetch``, ``--depths``, default :data:`DEPTHS`), each the median of 3 epochs
+after a warm-up one; the GET requests per batch and the client's CPU use are recorded.
 
 The loader reads contiguous entry ranges of shard files (a 32-cell block of tokens or
 values is some 10-100 KiB) and, once per shard, its index (the last bytes). This script
@@ -176,13 +178,13 @@ def _counted(get):
     return counted
 
 
-def _cells_per_s(path, prefetch: int) -> tuple[float, float]:
+def _cells_per_s(path, prefetch: int, block: int) -> tuple[float, float, float]:
     """Cells/s (median of 3 epochs after a warm-up one), GET requests per batch, and the
     client's CPU seconds (all its threads) per wall second."""
     from concept.data import TokenLoader
 
     loader = TokenLoader(
-        [path], batch_size=128, block_size=32, seed=0, prefetch=prefetch, pin_memory=False
+        [path], batch_size=128, block_size=block, seed=0, prefetch=prefetch, pin_memory=False
     )
     times, cpu = [], []
     for epoch in range(4):
@@ -196,7 +198,7 @@ def _cells_per_s(path, prefetch: int) -> tuple[float, float]:
     return n / dt, _GETS[0] / len(loader), statistics.median(cpu[1:]) / dt
 
 
-def measure_loader(cells: int) -> list[dict]:
+def measure_loader(cells: int, block: int, depths: tuple[int, ...]) -> list[dict]:
     rows = []
     tmp = tempfile.TemporaryDirectory(prefix="s3-bench-loader-")
     with tmp, SeaweedServer(Path(tmp.name) / "data") as server:
@@ -208,14 +210,15 @@ def measure_loader(cells: int) -> list[dict]:
         size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
         print(f"store: {cells:,} cells, {size / 2**20:.1f} MiB", flush=True)
         base = None
-        for where, path, depths in (("local", local, (4,)), ("s3", uri, DEPTHS)):
-            for depth in depths:
-                rate, gets, busy = _cells_per_s(path, depth)
+        for where, path, ds in (("local", local, (4,)), ("s3", uri, depths)):
+            for depth in ds:
+                rate, gets, busy = _cells_per_s(path, depth, block)
                 base = base or rate
                 rows.append(
                     {
                         "source": where,
                         "prefetch": depth,
+                        "block_size": block,
                         "cells": cells,
                         "store_mib": round(size / 2**20, 1),
                         "cells_per_s": round(rate),
@@ -238,10 +241,14 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64, help="size of the object read (MiB)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--cells", type=int, default=50000, help="cells of the loader's store")
+    ap.add_argument("--block-size", type=int, default=32, help="the loader's block_size")
+    ap.add_argument(
+        "--depths", type=int, nargs="+", default=DEPTHS, help="read-ahead depths from S3"
+    )
     ap.add_argument("--no-range-reads", action="store_true", help="only the loader rows")
     args = ap.parse_args()
     rows = [] if args.no_range_reads else measure(args.mib)
-    loader = measure_loader(args.cells) if args.cells else []
+    loader = measure_loader(args.cells, args.block_size, tuple(args.depths)) if args.cells else []
     machine = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
