@@ -1,9 +1,19 @@
-"""S3 range reads from a loopback SeaweedFS: the client of ``concept.objstore`` (obstore)
-against tensorstore's ``s3`` kvstore, in one run.
+"""S3 from a loopback SeaweedFS: range reads (the client of ``concept.objstore``, obstore,
+against tensorstore's ``s3`` kvstore) and the training loader's cells/s from S3 against
+local disk, in one run.
 
 Usage::
 
-    .venv/bin/python benchmarks/s3.py [--mib 64] [--json PATH]
+    .venv/bin/python benchmarks/s3.py [--mib 64] [--cells 50000] [--block-size 32]
+        [--depths 1 4 16 64] [--no-range-reads] [--json PATH]
+
+**Loader rows** (``--cells``, 0 skips them): one synthetic file of ``--cells`` cells x
+3,000 genes is compiled to local disk (defaults: uncompressed), and the same store is
+uploaded to the server (``concept.objstore.publish``). ``TokenLoader`` (batch 128,
+``--block-size`` 32, ``num_workers=0``) then reads whole epochs of it, local first (warm:
+the page cache holds the store after the first epoch) and then from S3 at each read-ahead
+depth (``prefetch``, ``--depths``, default :data:`DEPTHS`), each the median of 3 epochs
+after a warm-up one; the GET requests per batch and the client's CPU use are recorded.
 
 The loader reads contiguous entry ranges of shard files (a 32-cell block of tokens or
 values is some 10-100 KiB) and, once per shard, its index (the last bytes). This script
@@ -49,6 +59,7 @@ from s3server import SeaweedServer  # noqa: E402
 from concept import objstore  # noqa: E402
 
 SIZES = (4 << 10, 64 << 10, 1 << 20)
+DEPTHS = (1, 4, 16, 64)  # TokenLoader prefetch: batches whose reads are in flight
 CONCURRENCY = (1, 8, 32, 64)
 KEY = "bench/object"
 
@@ -139,12 +150,105 @@ def measure(mib: int) -> list[dict]:
     return rows
 
 
+def _store(tmp: Path, cells: int) -> Path:
+    """One synthetic file of ``cells`` cells, compiled to local disk."""
+    from concept.config import load_config
+    from preprocess import synth
+    from preprocess.compile import run
+
+    out = tmp / "project"
+    synth.generate_project(out, seed=0, n_cells=64, n_genes=3000, pretrained_dim=0, progress=False)
+    synth.write_file(out, "hs_csr_e", seed=0, n_cells=cells, n_genes=3000)
+    cfg = load_config([f"PATH.PROJECT_PATH={out}", "compile.register=false", "compile.workers=1"])
+    if run(cfg) != 0:
+        raise SystemExit("compile failed")
+    return next(Path(cfg.PATH.COMPILED_ROOT).rglob("hs_csr_e.zarr"))
+
+
+_GETS = [0]
+
+
+def _counted(get):
+    """``objstore.get_async`` counting its requests (the S3 rows' GETs per batch)."""
+
+    async def counted(*args, **kwargs):
+        _GETS[0] += 1
+        return await get(*args, **kwargs)
+
+    return counted
+
+
+def _cells_per_s(path, prefetch: int, block: int) -> tuple[float, float, float]:
+    """Cells/s (median of 3 epochs after a warm-up one), GET requests per batch, and the
+    client's CPU seconds (all its threads) per wall second."""
+    from concept.data import TokenLoader
+
+    loader = TokenLoader(
+        [path], batch_size=128, block_size=block, seed=0, prefetch=prefetch, pin_memory=False
+    )
+    times, cpu = [], []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        t0, c0, n, _GETS[0] = time.perf_counter(), time.process_time(), 0, 0
+        for batch in loader:
+            n += len(batch)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    dt = statistics.median(times[1:])
+    return n / dt, _GETS[0] / len(loader), statistics.median(cpu[1:]) / dt
+
+
+def measure_loader(cells: int, block: int, depths: tuple[int, ...]) -> list[dict]:
+    rows = []
+    tmp = tempfile.TemporaryDirectory(prefix="s3-bench-loader-")
+    with tmp, SeaweedServer(Path(tmp.name) / "data") as server:
+        os.environ.update(server.env())
+        local = _store(Path(tmp.name), cells)
+        uri = f"s3://{server.bucket}/loader/{local.name}"
+        objstore.publish(local, uri)
+        objstore.get_async = _counted(objstore.get_async)
+        size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+        print(f"store: {cells:,} cells, {size / 2**20:.1f} MiB", flush=True)
+        base = None
+        for where, path, ds in (("local", local, (4,)), ("s3", uri, depths)):
+            for depth in ds:
+                rate, gets, busy = _cells_per_s(path, depth, block)
+                base = base or rate
+                rows.append(
+                    {
+                        "source": where,
+                        "prefetch": depth,
+                        "block_size": block,
+                        "cells": cells,
+                        "store_mib": round(size / 2**20, 1),
+                        "cells_per_s": round(rate),
+                        "gets_per_batch": round(gets, 1),
+                        "gets_per_s": round(gets * rate / 128),
+                        "client_cpu_per_wall_s": round(busy, 2),
+                        "vs_local": round(rate / base, 2),
+                    }
+                )
+                print(
+                    f"loader {where:<5} prefetch {depth:>3}  {rate:>9.0f} cells/s  "
+                    f"({rate / base:.2f} of local)  {gets:.1f} GETs/batch  client CPU {busy:.2f}",
+                    flush=True,
+                )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=64, help="size of the object read (MiB)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--cells", type=int, default=50000, help="cells of the loader's store")
+    ap.add_argument("--block-size", type=int, default=32, help="the loader's block_size")
+    ap.add_argument(
+        "--depths", type=int, nargs="+", default=DEPTHS, help="read-ahead depths from S3"
+    )
+    ap.add_argument("--no-range-reads", action="store_true", help="only the loader rows")
     args = ap.parse_args()
-    rows = measure(args.mib)
+    rows = [] if args.no_range_reads else measure(args.mib)
+    loader = measure_loader(args.cells, args.block_size, tuple(args.depths)) if args.cells else []
     machine = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -152,7 +256,9 @@ def main() -> None:
     }
     print(f"load average at the end: {machine['loadavg'][0]:.2f} ({machine['cpu_count']} cores)")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "range_reads": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": machine, "range_reads": rows, "loader": loader}, indent=2)
+        )
 
 
 if __name__ == "__main__":

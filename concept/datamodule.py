@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
+from concept import objstore
 from concept.config import Config, ConfigError, ViewConfig
 from concept.data.loader import TokenLoader
 from concept.data.views import Panels, ViewSpec, make_planner
@@ -309,6 +310,12 @@ class TokenDataModule(L.LightningDataModule):
         if reason:
             raise StaleStoreError(reason)
         local = self.cfg.PATH.LOCAL_DIR
+        if local and objstore.is_uri(self.cfg.PATH.COMPILED_ROOT):
+            raise ConfigError(
+                f"PATH.LOCAL_DIR={local} with PATH.COMPILED_ROOT={self.cfg.PATH.COMPILED_ROOT}: "
+                "copying s3:// stores to local disk is not supported; unset PATH.LOCAL_DIR "
+                "to train straight from S3"
+            )
         if local:  # one copy per node (local rank 0); the other ranks wait for it
             needed = sorted({*self.stores.train, *(p for v in self.stores.val.values() for p in v)})
             root = Path(self.cfg.PATH.COMPILED_ROOT)

@@ -38,8 +38,8 @@ from pathlib import Path
 SCHEME = "s3://"
 COMMIT = "zarr.json"  # a store's root metadata: uploaded last, the commit marker
 REQUESTS = 64  # concurrent requests per process
-RETRY = {
-    "max_retries": 10,
+RETRY = {  # retry_timeout binds: 10 retries of a refused connection take about 2 s
+    "max_retries": 100,
     "backoff": {
         "init_backoff": dt.timedelta(milliseconds=100),
         "max_backoff": dt.timedelta(seconds=8),
@@ -366,14 +366,36 @@ def staging(uri: str | Uri) -> Path:
     return Path(tempfile.gettempdir()) / "concept-s3" / digest / "store"
 
 
+def tensorstore_kvstore(uri: str | Uri) -> dict:
+    """A tensorstore ``s3`` kvstore spec of the prefix ``uri``, configured from the same
+    ``AWS_*`` variables: the reader of compressed stores and ``obsm`` arrays on S3
+    (without this module's ``If-Match`` checks; tensorstore retries on its own)."""
+    u = Uri.parse(uri)
+    spec = {
+        "driver": "s3",
+        "bucket": u.bucket,
+        "path": f"{u.key}/" if u.key else "",
+        "aws_region": os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
+        "aws_credentials": {"type": "environment"},
+    }
+    if endpoint := _endpoint():
+        spec["endpoint"] = endpoint
+    return spec
+
+
 class S3Files:
     """A store's objects under ``s3://bucket/prefix``: the store reader's backend for object
-    storage (the methods of the local one in :mod:`concept.store`).
+    storage (the methods of the local one in :mod:`concept.store`; ``concurrent``: reads
+    return futures, and objects cannot be memory-mapped).
 
     Each object's ETag is recorded at its first read and every later read of it requires
     it (``If-Match``): a store replaced while being read fails loudly
     (:class:`ObjectChanged`) instead of mixing two versions' bytes.
     """
+
+    concurrent = True
 
     def __init__(self, uri: str | Uri):
         self.uri = Uri.parse(uri)
@@ -422,10 +444,6 @@ class S3Files:
             return await asyncio.gather(*(self._into(*r) for r in reads))
 
         return submit(many())
-
-    def map(self, name: str, dtype) -> None:
-        """Objects cannot be memory-mapped: the reader keeps private copies."""
-        return None
 
     def close(self) -> None:
         self._etags.clear()

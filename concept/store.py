@@ -306,7 +306,7 @@ def check_store(
         attrs = read_attrs(path)
         if reason := _version_and_vocab(path, attrs, vocab_sha256):
             return reason
-        _check_complete(Path(path), attrs)
+        _check_complete(path, attrs)
     except StoreError as e:
         return str(e)
     if source is not None and Path(source).exists():  # a file or a .zarr folder
@@ -317,28 +317,36 @@ def check_store(
     return None
 
 
-def _array_shape(path: Path, name: str) -> tuple[int, ...]:
-    try:
-        meta = json.loads((path / name / "zarr.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        raise StoreError(f"{path}: incomplete store (array {name!r} missing)") from None
-    return tuple(meta["shape"])
-
-
-def _check_complete(path: Path, attrs: dict) -> None:
-    """Every array present with its recorded length, every token and value shard on disk
-    (metadata and directory entries only: a store cut short by a partial copy fails)."""
+def _check_complete(path: str | Path, attrs: dict) -> None:
+    """Every array present with its recorded length, every token and value shard there
+    (metadata and directory entries only: a store cut short by a partial copy fails). An
+    ``s3://`` store is checked against one listing of its objects."""
     n, nnz = attrs["n_cells"], attrs["nnz"]
     want = {INDPTR: n + 1, TOKENS: nnz, VALUES: nnz, VAR_TOKENS: attrs["n_var_mapped"]}
     want |= {k: n for k in (TOTAL_COUNTS, N_GENES, ROW)}
     want |= {f"{OBS_GROUP}/{k}": n for k in attrs.get("obs_keys", [])}
+    files = _files(path)
+    listing = objstore.list_objects(path) if objstore.is_uri(path) else None
     for name, length in want.items():
-        if _array_shape(path, name) != (length,):
+        try:
+            shape = tuple(json.loads(files.text(f"{name}/zarr.json"))["shape"])
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise StoreError(f"{path}: incomplete store (array {name!r} missing)") from None
+        if shape != (length,):
             raise StoreError(f"{path}: array {name!r} does not have {length} elements")
-    shards = -(-nnz // attrs["settings"]["shard_elements"])
-    for name in (TOKENS, VALUES):
-        if any(not (path / name / "c" / str(i)).is_file() for i in range(shards)):
-            raise StoreError(f"{path}: incomplete store ({name!r} shards missing)")
+    shards = [
+        f"{name}/c/{i}"
+        for name in (TOKENS, VALUES)
+        for i in range(-(-nnz // attrs["settings"]["shard_elements"]))
+    ]
+    if listing is None:
+        missing = [k for k in shards if not (Path(path) / k).is_file()]
+    else:
+        missing = [k for k in shards if k not in listing]
+    if missing:
+        raise StoreError(
+            f"{path}: incomplete store ({missing[0].split('/c/')[0]!r} shards missing)"
+        )
 
 
 def _override(value) -> str:
@@ -494,10 +502,13 @@ os.register_at_fork(after_in_child=_FDS._after_fork)
 class _LocalFiles:
     """A store's files on the local file system: the reader's only access to their bytes.
 
-    Names are relative to the store (``tokens/c/3``). A second backend (object storage)
-    implements the same methods; its :meth:`map` returns None, which makes the per-cell
-    arrays private copies.
+    Names are relative to the store (``tokens/c/3``). The other backend,
+    :class:`concept.objstore.S3Files` (``concurrent``), has the same methods, except that
+    its reads return futures (its :meth:`read_many` starts many at once) and it cannot
+    map, so the per-cell arrays of an ``s3://`` store are private copies.
     """
+
+    concurrent = False  # reads finish when they return
 
     def __init__(self, root: Path):
         self.root, self._owner = root, next(_owners)
@@ -525,7 +536,7 @@ class _LocalFiles:
         finally:
             _FDS.release(key, entry)
 
-    def map(self, name: str, dtype: np.dtype) -> np.ndarray | None:
+    def map(self, name: str, dtype: np.dtype) -> np.ndarray:
         """A whole file as a read-only array, memory-mapped; FileNotFoundError when absent.
 
         The mapping is private (copy on write, never written), so its pages are the page
@@ -546,6 +557,11 @@ class _LocalFiles:
 
     def close(self) -> None:
         _FDS.close(self._owner)
+
+
+def _files(path: str | Path) -> _LocalFiles | objstore.S3Files:
+    """The file backend of the store at ``path`` (a local folder or an ``s3://`` URI)."""
+    return objstore.S3Files(path) if objstore.is_uri(path) else _LocalFiles(Path(path))
 
 
 class NotRaw(ValueError):
@@ -597,7 +613,9 @@ class _RawArray:
                     raw = self.files.tail(self.file(k), size)
                 else:
                     raw = bytearray(size)
-                    self.files.read_into(self.file(k), 0, memoryview(raw))
+                    read = self.files.read_into(self.file(k), 0, memoryview(raw))
+                    if self.files.concurrent and not read.result():
+                        raw = None
             except FileNotFoundError:
                 raw = None
             self._index[k] = None if raw is None else np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
@@ -621,6 +639,8 @@ class _RawArray:
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Copy elements ``[start, stop)`` into ``out`` (a contiguous array of this dtype)."""
+        if self.files.concurrent:
+            return self.submit(start, stop, out)()
         view = memoryview(out.view(np.uint8))
         size = self.dtype.itemsize
         for k, offset, lo, hi in self._pieces(start, stop):
@@ -633,21 +653,46 @@ class _RawArray:
                     pass
             out[lo - start : hi - start] = self.fill
 
+    def submit(self, start: int, stop: int, out: np.ndarray):
+        """:meth:`read_into` on a ``concurrent`` backend: every piece's request is started
+        at once (one hand-over to the S3 event loop); returns a call that waits for them."""
+        view = memoryview(out.view(np.uint8))
+        size = self.dtype.itemsize
+        reads, spans = [], []
+        for k, offset, lo, hi in self._pieces(start, stop):
+            if offset is None:
+                out[lo - start : hi - start] = self.fill
+            else:
+                reads.append(
+                    (self.file(k), offset, view[(lo - start) * size : (hi - start) * size])
+                )
+                spans.append((lo - start, hi - start))
+        future = self.files.read_many(reads)
+
+        def finish() -> None:
+            for found, (a, b) in zip(future.result(), spans, strict=True):
+                if not found:  # an unwritten chunk holds the fill value
+                    out[a:b] = self.fill
+
+        return finish
+
 
 class _Column:
     """A whole per-cell array (``indptr``, ``cell/*``, ``obs/<key>``), sliced by the loader.
 
     Uncompressed stores: each chunk file is memory-mapped read-only on first use, so the
     ranks of a node share its pages (the page cache) instead of each holding a copy; a
-    slice across chunks is a concatenation. Compressed stores, and backends that cannot
-    map, hold a private copy (read on first use).
+    slice across chunks is a concatenation. Compressed stores, and ``s3://`` stores
+    (objects cannot be mapped), hold a private copy, read whole on first use (on S3, all
+    its chunks' requests at once).
     """
 
     def __init__(self, store: TokenStore, name: str):
         self.store, self.name = store, name
         self.length = store.shape(name)[0]
         raw = store._raw(name) if store.mode == "raw" else None
-        self._raw = raw if raw is not None and raw.inner is None else None  # plain chunk files
+        plain = raw is not None and raw.inner is None and not store.files.concurrent
+        self._raw = raw if plain else None  # plain chunk files, mapped
         self._chunks: dict[int, np.ndarray] = {}
         self._copy: np.ndarray | None = None
 
@@ -662,9 +707,6 @@ class _Column:
                 chunk = raw.files.map(raw.file(k), raw.dtype)
             except FileNotFoundError:  # an unwritten chunk holds the fill value
                 chunk = np.full(raw.outer, raw.fill, raw.dtype)
-            if chunk is None:
-                chunk = np.empty(min(raw.outer, self.length - k * raw.outer), raw.dtype)
-                raw.read_into(k * raw.outer, k * raw.outer + len(chunk), chunk)
             self._chunks[k] = chunk
         return chunk
 
@@ -705,24 +747,29 @@ class TokenStore:
     (DataLoader workers): descriptors and tensorstore handles are opened afresh in a
     child, and the per-cell arrays' mappings are inherited.
 
+    An ``s3://`` store (a string) is read through :class:`concept.objstore.S3Files`: a
+    read's range requests are all started at once and completed by the call
+    :meth:`submit` returns, and the per-cell arrays are private copies (objects cannot
+    be mapped); tensorstore reads it through its ``s3`` kvstore.
+
     Parameters
     ----------
     path
-        The store's ``.zarr`` directory.
+        The store's ``.zarr`` directory, or its ``s3://bucket/prefix`` URI.
     mode
         ``auto`` (raw bytes when the store is uncompressed, else tensorstore), ``raw`` or
         ``tensorstore``.
     """
 
     def __init__(self, path: str | Path, mode: str = "auto"):
-        self.path = Path(path)
+        self.path = path if objstore.is_uri(path) else Path(path)
         self.attrs = read_attrs(self.path)
         if mode not in ("auto", "raw", "tensorstore"):
             raise ValueError(f"reader mode {mode!r}: expected auto, raw or tensorstore")
         if mode == "auto":
             mode = "raw" if self.attrs["settings"].get("compressor") is None else "tensorstore"
         self.mode = mode
-        self.files = _LocalFiles(self.path)
+        self.files = _files(self.path)
         self._meta: dict[str, dict] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self._raws: dict[str, _RawArray] = {}
@@ -784,7 +831,11 @@ class TokenStore:
         if arr is None:
             import tensorstore as ts
 
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
+            if objstore.is_uri(self.path):
+                kvstore = objstore.tensorstore_kvstore(objstore.join(self.path, name))
+            else:
+                kvstore = {"driver": "file", "path": str(self.path / name)}
+            spec = {"driver": "zarr3", "kvstore": kvstore}
             try:
                 arr = self._ts[name] = ts.open(spec, open=True, read=True).result()
             except ValueError as e:
@@ -801,8 +852,8 @@ class TokenStore:
     def submit(self, name: str, start: int, stop: int, out: np.ndarray):
         """Start reading ``[start, stop)`` into ``out``; returns a call that completes it.
 
-        Raw reads finish at once; tensorstore reads run concurrently until completed, so a
-        batch issues all its reads before waiting on any.
+        Local raw reads finish at once; reads from S3 and tensorstore reads run
+        concurrently until completed, so a batch issues all its reads before waiting on any.
         """
         held = self._memory.get(name)
         if held is not None:
@@ -818,6 +869,8 @@ class TokenStore:
 
             return widen
         if self.mode == "raw":
+            if self.files.concurrent:  # S3: the requests run while the caller goes on
+                return self._raw(name).submit(start, stop, out)
             self._raw(name).read_into(start, stop, out)
             return _done
         future = self._tensorstore(name)[start:stop].read()
@@ -916,7 +969,7 @@ def open_store(path: str | Path, mode: str = "auto") -> TokenStore:
     Parameters
     ----------
     path
-        The store's ``.zarr`` directory.
+        The store's ``.zarr`` directory or ``s3://`` URI.
     mode
         ``auto``, ``raw`` or ``tensorstore`` (see :class:`TokenStore`).
 

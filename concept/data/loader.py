@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from concept import objstore
 from concept import store as fmt
 from concept.data.batch import PackedBatch
 from concept.data.sampler import BlockSampler, Reads
@@ -52,7 +54,7 @@ class TokenLoader:
     Parameters
     ----------
     store_paths
-        The stores (``.zarr`` directories).
+        The stores (``.zarr`` directories or ``s3://`` URIs).
     batch_size
         Global batch size; each rank yields ``batch_size // world_size`` cells per batch.
     block_size
@@ -70,7 +72,10 @@ class TokenLoader:
     reader
         ``auto``, ``raw`` or ``tensorstore``.
     prefetch
-        Batches read ahead.
+        Batches read ahead: the reading thread starts the reads of up to this many
+        batches before it waits for the oldest (on S3 their requests are all in flight at
+        once, which hides the request latency), and as many finished batches wait for
+        the consumer.
     num_workers
         0: a background thread in this process; k > 0: k DataLoader worker processes.
     pin_memory
@@ -119,7 +124,7 @@ class TokenLoader:
         embeddings_key: str | None = None,
         rows: bool = True,
     ):
-        self.paths = [Path(p) for p in store_paths]
+        self.paths = [p if objstore.is_uri(p) else Path(p) for p in store_paths]
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
         self.readers = [TokenStore(p, reader) for p in self.paths]
@@ -210,6 +215,11 @@ class TokenLoader:
 
     def read_batch(self, reads: Reads, epoch: int = 0, index: int = 0) -> PackedBatch:
         """Read one rank's share of a global batch into a packed batch."""
+        return self._start_batch(reads, epoch, index)()
+
+    def _start_batch(self, reads: Reads, epoch: int, index: int) -> Callable[[], PackedBatch]:
+        """Start a batch's reads (all of them: on S3 they run concurrently); returns the
+        call that waits for them and builds the batch."""
         runs = list(
             zip(reads.store.tolist(), reads.start.tolist(), reads.stop.tolist(), strict=True)
         )
@@ -248,37 +258,50 @@ class TokenLoader:
                 else:
                     obs[key][c : c + m] = -1
             e, c = e + k, c + m
-        for finish in pending:
-            finish()
-        species = self.species[runs[0][0]]
-        var = self.var_tokens(runs[0][0]) if self._per_store else self._genes_of(species)
-        batch = PackedBatch(
-            tokens=torch.from_numpy(tokens),
-            values=torch.from_numpy(values),
-            cu_seqlens=torch.from_numpy(cu),
-            total_counts=torch.from_numpy(total),
-            rows=None if rows is None else torch.from_numpy(rows),
-            store_index=torch.from_numpy(store_index),
-            obs={k: torch.from_numpy(v) for k, v in obs.items()},
-            var_tokens=torch.from_numpy(var),
-            species=species,
-            epoch=epoch,
-            index=index,
-            embeddings=torch.from_numpy(np.concatenate(embs)) if embs else None,
-        )
-        if self.plan_views is not None:
-            batch.views = self.plan_views(batch)
-        return batch
+
+        def finish() -> PackedBatch:
+            for wait in pending:
+                wait()
+            species = self.species[runs[0][0]]
+            var = self.var_tokens(runs[0][0]) if self._per_store else self._genes_of(species)
+            batch = PackedBatch(
+                tokens=torch.from_numpy(tokens),
+                values=torch.from_numpy(values),
+                cu_seqlens=torch.from_numpy(cu),
+                total_counts=torch.from_numpy(total),
+                rows=None if rows is None else torch.from_numpy(rows),
+                store_index=torch.from_numpy(store_index),
+                obs={k: torch.from_numpy(v) for k, v in obs.items()},
+                var_tokens=torch.from_numpy(var),
+                species=species,
+                epoch=epoch,
+                index=index,
+                embeddings=torch.from_numpy(np.concatenate(embs)) if embs else None,
+            )
+            if self.plan_views is not None:
+                batch.views = self.plan_views(batch)
+            return batch
+
+        return finish
 
     def _produce(self, out: queue.Queue, stop: threading.Event, schedule) -> None:
         epoch, start, batches = schedule
         try:
+            started: deque[Callable[[], PackedBatch]] = deque()  # reads in flight
+
+            def hand_out() -> None:
+                batch = started.popleft()()
+                out.put(batch.pin_memory() if self.pin else batch)
+
             for index in range(start, len(batches)):
                 if stop.is_set():
                     return
                 reads = self.sampler.rank_slice(batches.batch(index))
-                batch = self.read_batch(reads, epoch, index)
-                out.put(batch.pin_memory() if self.pin else batch)
+                started.append(self._start_batch(reads, epoch, index))
+                if len(started) >= max(self.prefetch, 1):
+                    hand_out()
+            while started and not stop.is_set():
+                hand_out()
             out.put(_DONE)
         except BaseException as e:  # hand the error to the consumer
             out.put(e)
