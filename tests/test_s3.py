@@ -142,6 +142,9 @@ def test_killed_upload_is_invisible_and_rerun_equals_clean(s3_env, compiled):
 
 
 def test_wrong_credentials_or_missing_bucket_name_the_bucket(s3_env, compiled, monkeypatch):
+    root = "PATH.COMPILED_ROOT=s3://concept/compiled"
+    with pytest.raises(ConfigError, match=r"LaminDB registration of s3:// .*register=false"):
+        cli.run(config(compiled, root, "compile.register=true"))  # refused before any work
     with pytest.raises(ConfigError, match=r"s3://no-such-bucket: no such bucket"):
         cli.run(config(compiled, "PATH.COMPILED_ROOT=s3://no-such-bucket/compiled"))
     with pytest.raises(objstore.BucketError, match=r"s3://no-such-bucket: no such bucket"):
