@@ -263,8 +263,9 @@ class TokenDataModule(L.LightningDataModule):
     """Train and validation TokenLoaders over compiled stores.
 
     ``stores`` None: those of ``datamodule.collection``, resolved in :meth:`setup`
-    (:func:`registry_stores`). The train loader's position is saved in checkpoints by Lightning (the loader has
-    ``state_dict``/``load_state_dict``), so a resumed run continues mid-epoch exactly.
+    (:func:`registry_stores`). The train loader's position is saved in checkpoints by
+    Lightning (the loader has ``state_dict``/``load_state_dict``), so a resumed run
+    continues mid-epoch exactly.
     """
 
     def __init__(

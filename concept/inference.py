@@ -41,8 +41,8 @@ from concept.pretrained import Pretrained
 from concept.tokenize import (
     TokenizedBlock,
     drop_duplicate_columns,
-    gather_cells,
     normalize,
+    take_cells,
     tokenize_csr,
 )
 from concept.vocab import PAD_TOKEN, InputError, TokenMapping
@@ -236,15 +236,16 @@ class Embedder:
         index: int = 0,
     ) -> PackedBatch:
         """A host batch of ``cells`` of a block, values as the stores hold them."""
-        idx = gather_cells(blk.indptr, cells)
         counts = np.diff(blk.indptr)[cells]
         cu = np.zeros(len(cells) + 1, np.int32)
         np.cumsum(counts, out=cu[1:])
+        buffers = (np.empty(cu[-1], blk.tokens.dtype), np.empty(cu[-1], blk.values.dtype))
+        tokens, values = take_cells(blk.indptr, cells, blk.tokens, blk.values, buffers)
         totals = blk.total_counts[cells]
-        values = normalize(blk.values[idx], np.repeat(totals, counts), self.stored_normalization)
+        values = normalize(values, np.repeat(totals, counts), self.stored_normalization)
         var = np.empty(0, np.int64) if var_tokens is None else var_tokens
         return PackedBatch(
-            tokens=torch.from_numpy(blk.tokens[idx]),
+            tokens=torch.from_numpy(tokens),
             values=torch.from_numpy(np.asarray(values, np.float32)),
             cu_seqlens=torch.from_numpy(cu),
             total_counts=torch.from_numpy(totals.astype(np.float32)),

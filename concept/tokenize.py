@@ -316,15 +316,3 @@ def drop_duplicate_columns(col_tokens: np.ndarray) -> int:
     dup = np.setdiff1d(mapped, mapped[first])
     col_tokens[dup] = -1
     return len(dup)
-
-
-def gather_cells(indptr: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Entry indices that put packed cells in ``order`` (vectorized segment gather)."""
-    counts = np.diff(indptr)[order]
-    starts = indptr[:-1][order]
-    out_starts = np.cumsum(counts) - counts
-    total = int(counts.sum())
-    itype = np.int32 if indptr[-1] < 2**31 else np.int64  # half the bytes when it fits
-    out = np.repeat((starts - out_starts).astype(itype), counts)
-    out += np.arange(total, dtype=itype)
-    return out
