@@ -93,7 +93,7 @@ def run(args) -> dict:
     stores = [s for s in stores if "hs_" in s.name] or stores
     spec = ViewSpec(max_tokens=args.max_tokens, panel_selection="random", seed=0)
     probe = TokenLoader(stores, batch_size=args.batch_size)
-    vocab = 1 + max(int(probe.var_tokens(i).max()) for i in range(len(stores)))
+    vocab = 1 + max(int(probe.readers[i].var_tokens.max()) for i in range(len(stores)))
     loader = TokenLoader(
         stores, batch_size=args.batch_size, block_size=32, plan_views=make_planner(spec, vocab)
     )

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import resource
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -401,10 +402,33 @@ def read_attrs(path: str | Path) -> dict:
     return _root_attrs(path, text)
 
 
+def _interned(pairs: list[tuple[str, object]]) -> dict:
+    return {
+        sys.intern(k): sys.intern(v) if isinstance(v, str) and len(v) <= 64 else v for k, v in pairs
+    }
+
+
+def _json(text: str) -> dict:
+    """Store metadata, parsed with its keys and short strings interned: thousands of
+    stores' metadata stays in memory, and those repeat from store to store."""
+    return json.loads(text, object_pairs_hook=_interned)
+
+
+class _ArrayMeta:
+    """What a reader keeps of an array's ``zarr.json``: its shape, dtype and attributes."""
+
+    __slots__ = ("attributes", "dtype", "shape")
+
+    def __init__(self, node: dict):
+        self.shape = tuple(node["shape"])
+        self.dtype = np.dtype(node["data_type"])
+        self.attributes = node.get("attributes") or {}
+
+
 def _root_attrs(path, text: str) -> dict:
     """The root attributes in a store's ``zarr.json`` text, checked."""
     try:
-        node = json.loads(text)
+        node = _json(text)
     except json.JSONDecodeError as e:
         raise StoreError(f"{path}: unreadable zarr.json ({e})") from None
     attrs = node.get("attributes", {})
@@ -678,7 +702,8 @@ class _RawArray:
 
 
 class _Column:
-    """A whole per-cell array (``indptr``, ``cell/*``, ``obs/<key>``), sliced by the loader.
+    """A whole per-cell array (``indptr``, ``cell/*``, ``obs/<key>``) or ``var_tokens``,
+    sliced by the loader.
 
     Uncompressed stores: each chunk file is memory-mapped read-only on first use, so the
     ranks of a node share its pages (the page cache) instead of each holding a copy; a
@@ -770,8 +795,7 @@ class TokenStore:
             mode = "raw" if self.attrs["settings"].get("compressor") is None else "tensorstore"
         self.mode = mode
         self.files = _files(self.path)
-        self._meta: dict[str, dict] = {}
-        self._dtypes: dict[str, np.dtype] = {}
+        self._meta: dict[str, _ArrayMeta] = {}
         self._raws: dict[str, _RawArray] = {}
         self._columns: dict[str, _Column] = {}
         self._memory: dict[str, np.ndarray] = {}  # whole arrays, when held in memory
@@ -782,16 +806,17 @@ class TokenStore:
 
     # --- metadata ------------------------------------------------------------------------
 
-    def _array_meta(self, name: str) -> dict:
+    def _node(self, name: str) -> dict:
+        """Array ``name``'s ``zarr.json``, parsed (StoreError when the array is missing)."""
+        try:
+            return _json(self.files.text(f"{name}/zarr.json"))
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: incomplete store (array {name!r} missing)") from None
+
+    def _array_meta(self, name: str) -> _ArrayMeta:
         meta = self._meta.get(name)
         if meta is None:
-            try:
-                meta = json.loads(self.files.text(f"{name}/zarr.json"))
-            except FileNotFoundError:
-                raise StoreError(
-                    f"{self.path}: incomplete store (array {name!r} missing)"
-                ) from None
-            self._meta[name] = meta
+            meta = self._meta[name] = _ArrayMeta(self._node(name))
         return meta
 
     def has(self, name: str) -> bool:
@@ -803,25 +828,22 @@ class TokenStore:
         return True
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._array_meta(name)["shape"])
+        return self._array_meta(name).shape
 
     def dtype(self, name: str) -> np.dtype:
-        dt = self._dtypes.get(name)
-        if dt is None:
-            dt = self._dtypes[name] = np.dtype(self._array_meta(name)["data_type"])
-        return dt
+        return self._array_meta(name).dtype
 
     def categories(self, key: str) -> list[str] | None:
         """Category names of obs column ``key`` (None when the store has no such array)."""
         name = f"{OBS_GROUP}/{key}"
-        return list(self._array_meta(name)["attributes"]["categories"]) if self.has(name) else None
+        return list(self._array_meta(name).attributes["categories"]) if self.has(name) else None
 
     # --- reads ---------------------------------------------------------------------------
 
     def _raw(self, name: str) -> _RawArray:
         arr = self._raws.get(name)
         if arr is None:
-            arr = self._raws[name] = _RawArray(self.files, name, self._array_meta(name))
+            arr = self._raws[name] = _RawArray(self.files, name, self._node(name))
         return arr
 
     def _tensorstore(self, name: str):
@@ -941,8 +963,9 @@ class TokenStore:
 
     @property
     def var_tokens(self) -> np.ndarray:
-        """The file's mapped gene universe (ascending tokens)."""
-        return self.read(VAR_TOKENS, 0, self.shape(VAR_TOKENS)[0])
+        """The file's mapped gene universe (ascending tokens; read-only, mapped like the
+        per-cell arrays)."""
+        return self.column(VAR_TOKENS)[:]
 
     @property
     def total_counts(self) -> np.ndarray:

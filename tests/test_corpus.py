@@ -167,7 +167,7 @@ def _mapped(path_part: str) -> dict[str, int]:
 
 def _rank(stores: list[str], rank: int, barrier, out: str) -> None:
     loader = TokenLoader(stores, 32, 8, rank=rank, world_size=2, obs_keys=["ct"], rows=False)
-    got = [_flat(b) for b in loader]
+    got = [(*_flat(b), b.var_tokens.tolist()) for b in loader]
     barrier.wait()  # both ranks hold their mappings now
     shared = _mapped(str(Path(stores[0]).parent))
     barrier.wait()
@@ -200,17 +200,21 @@ def test_two_ranks_share_the_per_cell_arrays(tmp_path):
         p.join()
     assert [p.exitcode for p in procs] == [0, 0]
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
-    # the per-cell arrays training reads are mapped from the stores' chunk files, in both
-    # ranks, and their pages are shared (one copy in the page cache, not one per rank)
-    names = [fmt.INDPTR, fmt.TOTAL_COUNTS, f"{fmt.OBS_GROUP}/ct"]
+    # the per-cell arrays training reads, and each store's gene universe, are mapped from
+    # the stores' chunk files, in both ranks, and their pages are shared (one copy in the
+    # page cache, not one per rank)
+    names = [fmt.INDPTR, fmt.TOTAL_COUNTS, f"{fmt.OBS_GROUP}/ct", fmt.VAR_TOKENS]
     files = {f"{s}/{n}/c/0" for s in stores for n in names}
     assert set(r0["maps"]) == set(r1["maps"]) == files  # cell/row is not mapped for batches
     assert all(r0["maps"][f] > 0 and r1["maps"][f] > 0 for f in files), (r0["maps"], r1["maps"])
     # each rank's batches are its half of the single-process batches
     whole = TokenLoader(stores, 32, 8, obs_keys=["ct"], rows=False)
     for b, h0, h1 in zip(whole, r0["batches"], r1["batches"], strict=True):
+        *h0, var0 = h0
+        *h1, var1 = h1
         joined = tuple(None if x is None else x + y for x, y in zip(h0[1:], h1[1:], strict=True))
         assert h0[0] == h1[0] == b.index and joined == _flat(b)[1:]
+        assert var0 == var1 == b.var_tokens.tolist()  # the global batch's store's genes
 
 
 def test_compressed_stores_read_the_same(tmp_path):

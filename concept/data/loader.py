@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -153,8 +154,8 @@ class TokenLoader:
         self.pin = torch.cuda.is_available() and pin_memory is not False
         self.plan_views = plan_views
         self.embeddings = embeddings_key
-        self._var_cache: dict[int, np.ndarray] = {}
-        self._species_var: dict[str, np.ndarray] = {}
+        self._var_cache: dict[int, torch.Tensor] = {}
+        self._species_var: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -199,17 +200,22 @@ class TokenLoader:
             out.append(np.where(missing, -1, ids))
         return out
 
-    def var_tokens(self, store: int) -> np.ndarray:
-        if store not in self._var_cache:
-            self._var_cache[store] = self.readers[store].var_tokens
-        return self._var_cache[store]
+    def var_tokens(self, store: int) -> torch.Tensor:
+        """The store's gene universe, as the batches carry it: a tensor over the mapped
+        array (read-only: nothing writes a batch's ``var_tokens``)."""
+        var = self._var_cache.get(store)
+        if var is None:
+            with warnings.catch_warnings():  # torch warns that the mapping is read-only
+                warnings.simplefilter("ignore", UserWarning)
+                var = self._var_cache[store] = torch.from_numpy(self.readers[store].var_tokens)
+        return var
 
-    def _genes_of(self, species: str) -> np.ndarray:
+    def _genes_of(self, species: str) -> torch.Tensor:
         """The union of the genes of the species' stores (the reference's outer join)."""
         if species not in self._species_var:
             stores = [i for i, s in enumerate(self.species) if s == species]
-            self._species_var[species] = np.unique(
-                np.concatenate([self.var_tokens(i) for i in stores])
+            self._species_var[species] = torch.from_numpy(
+                np.unique(np.concatenate([self.readers[i].var_tokens for i in stores]))
             )
         return self._species_var[species]
 
@@ -272,7 +278,7 @@ class TokenLoader:
                 rows=None if rows is None else torch.from_numpy(rows),
                 store_index=torch.from_numpy(store_index),
                 obs={k: torch.from_numpy(v) for k, v in obs.items()},
-                var_tokens=torch.from_numpy(var),
+                var_tokens=var,
                 species=species,
                 epoch=epoch,
                 index=index,
