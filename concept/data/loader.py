@@ -11,6 +11,8 @@ every k-th batch, which keeps the batch order.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import queue
 import threading
 import warnings
@@ -28,6 +30,19 @@ from concept.data.sampler import BlockSampler, Reads
 from concept.store import TokenStore
 
 _DONE = object()
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No garbage collection inside: building many long-lived objects at once otherwise
+    sets off full collections over the growing heap, again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Categories:
@@ -96,7 +111,8 @@ class TokenLoader:
         use for them (None there).
 
     Only store metadata is read here (and the obs columns that ``within_group`` groups
-    by); per-cell arrays are mapped on first use, shared by the processes of a node.
+    by). The per-cell arrays of local stores are mapped here, not read: their pages are
+    shared by the processes of a node. Those of ``s3://`` stores are read on first use.
     """
 
     batch_sampler = (
@@ -128,10 +144,14 @@ class TokenLoader:
         self.paths = [p if objstore.is_uri(p) else Path(p) for p in store_paths]
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
-        self.readers = [TokenStore(p, reader) for p in self.paths]
-        if in_memory:
+        columns = [fmt.INDPTR, fmt.TOTAL_COUNTS, fmt.VAR_TOKENS] + ([fmt.ROW] if rows else [])
+        obs = [f"{fmt.OBS_GROUP}/{k}" for k in obs_keys]
+        with _gc_paused():  # thousands of stores' objects: no collections while they grow
+            self.readers = [TokenStore(p, reader) for p in self.paths]
             for r in self.readers:
-                r.hold_in_memory()
+                r.prepare(columns + [c for c in obs if r.has(c)], (fmt.TOKENS, fmt.VALUES))
+                if in_memory:
+                    r.hold_in_memory()
         self.species = [r.attrs["species"] for r in self.readers]
         keys = [within_group] if isinstance(within_group, str) else list(within_group or [])
         self._per_store = "dataset" in keys  # else a batch's genes: all of its species'
