@@ -759,6 +759,9 @@ class _Column:
         )
 
 
+_UNREAD = object()
+
+
 def _done() -> None:
     return None
 
@@ -800,7 +803,7 @@ class TokenStore:
         if mode == "auto":
             mode = "raw" if self.attrs["settings"].get("compressor") is None else "tensorstore"
         self.mode = mode
-        self._meta: dict[str, _ArrayMeta] = {}
+        self._meta: dict[str, _ArrayMeta | None] = {}  # None: no such array
         self._raws: dict[str, _RawArray] = {}
         self._not_raw: dict[str, str] = {}  # why an array of a raw-mode store is not raw
         self._columns: dict[str, _Column] = {}
@@ -815,20 +818,20 @@ class TokenStore:
     def _array_meta(self, name: str) -> _ArrayMeta:
         """Array ``name``'s shape, dtype and attributes, from its ``zarr.json`` (read once;
         in raw mode the array's byte layout is taken from the same parse)."""
-        meta = self._meta.get(name)
-        if meta is None:
+        meta = self._meta.get(name, _UNREAD)
+        if meta is _UNREAD:
             try:
                 node = json.loads(self.files.text(f"{name}/zarr.json"))
             except FileNotFoundError:
-                raise StoreError(
-                    f"{self.path}: incomplete store (array {name!r} missing)"
-                ) from None
-            meta = self._meta[name] = _ArrayMeta(node)
-            if self.mode == "raw":
+                node = None  # remembered: a complete store's arrays do not change
+            meta = self._meta[name] = None if node is None else _ArrayMeta(node)
+            if meta is not None and self.mode == "raw":
                 try:
                     self._raws[name] = _RawArray(self.files, name, node)
                 except NotRaw as e:
                     self._not_raw[name] = str(e)
+        if meta is None:
+            raise StoreError(f"{self.path}: incomplete store (array {name!r} missing)")
         return meta
 
     def has(self, name: str) -> bool:

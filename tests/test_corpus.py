@@ -234,6 +234,32 @@ def test_compressed_stores_read_the_same(tmp_path):
             assert np.array_equal(col[lo:hi], ts.read(name, lo, hi)), (name, lo, hi)
 
 
+def test_loader_opens_the_stores_arrays_at_construction(tmp_path, monkeypatch):
+    """The loader opens what training reads when it is built: each array's zarr.json is
+    read once, the per-cell arrays and var_tokens are mapped, and no later batch reads
+    metadata; a store missing an array fails there, naming the store and the array."""
+    stores = [_write(tmp_path / f"s{i}.zarr", i, 60 + 10 * i, SMALL) for i in range(3)]
+    texts = []
+    text = fmt._LocalFiles.text
+    monkeypatch.setattr(fmt._LocalFiles, "text", lambda self, n: texts.append(n) or text(self, n))
+    loader = TokenLoader(stores, 32, 8, obs_keys=["ct", "absent"], rows=False)
+    arrays = [fmt.INDPTR, fmt.TOTAL_COUNTS, fmt.VAR_TOKENS, f"{fmt.OBS_GROUP}/ct"]
+    arrays += [fmt.TOKENS, fmt.VALUES, f"{fmt.OBS_GROUP}/absent"]
+    assert sorted(texts) == sorted((["zarr.json"] + [f"{a}/zarr.json" for a in arrays]) * 3)
+    for r in loader.readers:
+        for name in arrays[:4]:
+            assert r.column(name)._chunks  # mapped
+    texts.clear()
+    batches = list(loader)
+    assert texts == [] and len(batches) == len(loader)
+    for b in batches:  # the batch's genes are its store's, from the mapping
+        store = int(b.store_index[0])
+        assert b.var_tokens.tolist() == open_store(stores[store]).var_tokens.tolist()
+    shutil.rmtree(stores[1] / fmt.TOTAL_COUNTS)
+    with pytest.raises(fmt.StoreError, match=rf"{stores[1]}.*'{fmt.TOTAL_COUNTS}' missing"):
+        TokenLoader(stores, 32, 8)
+
+
 # --- the schedule as arrays equals the list-based schedule before it ---------------------
 
 
