@@ -223,8 +223,12 @@ class BlockSampler:
 
     def global_batches(self, epoch: int) -> Schedule:
         """The epoch's global batches (see the module's description), as arrays."""
-        if self._cached is not None and self._cached[0] == epoch:
-            return self._cached[1]
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._build(epoch))
+            _release_freed_memory()  # the building's temporaries are gone by now
+        return self._cached[1]
+
+    def _build(self, epoch: int) -> Schedule:
         if not self.groups:
             empty = np.empty(0, np.int64)
             return Schedule(Reads(empty.astype(np.int32), empty, empty), np.zeros(1, np.int64))
@@ -292,13 +296,10 @@ class BlockSampler:
         rank[rng.permutation(len(rank))] = np.arange(len(rank))
         batch = rank[batch]
         runs = np.argsort(batch, kind="stable")
-        schedule = Schedule(
+        return Schedule(
             Reads(self._part_store[p][runs], ra[runs].astype(np.int64), rb[runs].astype(np.int64)),
             np.searchsorted(batch[runs], np.arange(len(rank) + 1)).astype(np.int64),
         )
-        self._cached = (epoch, schedule)
-        _release_freed_memory()
-        return schedule
 
     def rank_slice(self, batch: Reads) -> Reads:
         """This rank's contiguous share of a global batch."""
