@@ -159,7 +159,8 @@ def registry_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
     problems: list[str] = []
 
     def checked(collection: str, member: dict) -> Path:
-        path, species = Path(member["path"]), member["features"].get("species")
+        path = member["path"] if objstore.is_uri(member["path"]) else Path(member["path"])
+        species = member["features"].get("species")
         where = f"(registered as {member['key']} in collection {collection})"
         if species not in mappings:
             problems.append(
@@ -174,7 +175,8 @@ def registry_stores(cfg: Config, mappings: dict[str, TokenMapping]) -> Stores:
         if not reason and store_fingerprint(attrs) != member["fingerprint"]:
             reason = f"{path}: not the version the registry holds (compiled since, unregistered)"
         if reason:
-            missing = " (not on disk)" if attrs is None and not path.exists() else ""
+            gone = attrs is None and isinstance(path, Path) and not path.exists()
+            missing = " (not on disk)" if gone else ""
             problems.append(f"{reason}{missing} {where}\nrun: {rebuild_command(cfg, attrs)}")
         return path
 

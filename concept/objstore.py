@@ -107,7 +107,8 @@ _state: dict = {"pid": None, "clients": {}, "loop": None}
 _lock = threading.Lock()
 
 
-def _endpoint() -> str | None:
+def endpoint() -> str | None:
+    """The custom S3 endpoint that the ``AWS_*`` variables name (None: AWS itself)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
@@ -144,7 +145,7 @@ def client(bucket: str):
         _in_this_process()
         store = _state["clients"].get(key)
         if store is None:
-            endpoint = _endpoint()
+            url = endpoint()
             config = (
                 {}
                 if os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -153,7 +154,7 @@ def client(bucket: str):
             store = S3Store(
                 bucket,
                 config=config,
-                client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
+                client_options={"allow_http": bool(url and url.startswith("http://"))},
                 retry_config=RETRY,
             )
             _state["clients"][key] = store
@@ -206,17 +207,17 @@ def error(e: Exception, uri: Uri, action: str) -> ObjectStoreError:
     )
 
     text, cause = str(e), _cause(e)
-    endpoint = _endpoint() or "AWS"
+    at = endpoint() or "AWS"
     if "NoSuchBucket" in text:
         return BucketError(
-            f"s3://{uri.bucket}: no such bucket at {endpoint} ({action} {uri.key or '/'}): "
+            f"s3://{uri.bucket}: no such bucket at {at} ({action} {uri.key or '/'}): "
             "create the bucket or fix the URI (and AWS_ENDPOINT_URL)"
         )
     if isinstance(e, PermissionDeniedError | UnauthenticatedError) or any(
         c in text for c in _ACCESS_CODES
     ):
         return BucketError(
-            f"s3://{uri.bucket}: access denied at {endpoint} ({action} {uri.key or '/'}): "
+            f"s3://{uri.bucket}: access denied at {at} ({action} {uri.key or '/'}): "
             f"{cause}; check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) "
             "for this bucket"
         )
@@ -227,7 +228,7 @@ def error(e: Exception, uri: Uri, action: str) -> ObjectStoreError:
         )
     if isinstance(e, FileNotFoundError):
         return ObjectNotFound(f"{uri}: no such object in bucket {uri.bucket}")
-    return ObjectStoreError(f"{uri}: {action} failed at {endpoint} after retries: {cause}")
+    return ObjectStoreError(f"{uri}: {action} failed at {at} after retries: {cause}")
 
 
 async def _guard(coro: Coroutine, uri: Uri, action: str):
@@ -380,8 +381,8 @@ def tensorstore_kvstore(uri: str | Uri) -> dict:
         or "us-east-1",
         "aws_credentials": {"type": "environment"},
     }
-    if endpoint := _endpoint():
-        spec["endpoint"] = endpoint
+    if url := endpoint():
+        spec["endpoint"] = url
     return spec
 
 

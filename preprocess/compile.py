@@ -209,12 +209,6 @@ def check_output_folders(cfg: Config, jobs: list[FileJob]) -> None:
             objstore.check_writable(cfg.PATH.COMPILED_ROOT)
         except objstore.ObjectStoreError as e:
             raise ConfigError(f"PATH.COMPILED_ROOT: {e}; nothing was compiled") from None
-        if cfg.compile.register:
-            raise ConfigError(
-                f"PATH.COMPILED_ROOT={cfg.PATH.COMPILED_ROOT}: LaminDB registration of s3:// "
-                "stores is not supported yet (README, Object storage): add "
-                "compile.register=false; nothing was compiled"
-            )
         return
     folders = {Path(cfg.PATH.COMPILED_ROOT)} | {Path(j.out).parent for j in jobs}
     for folder in sorted(folders):

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from concept import objstore
+
 INSTANCE_NAME = "concept-compiled"
 FEATURE_DTYPES: dict[str, type] = {
     "species": str,
@@ -270,24 +272,33 @@ def resolve_collections(
 # --------------------------------------------------------------------------- parent side
 
 
-def _resolve_storage_root(storage_root: str | Path) -> Path:
+def _resolve_storage_root(storage_root: str | Path) -> Path | str:
+    """The storage root: a local directory (resolved), or an ``s3://`` URI (normalized)."""
+    if objstore.is_uri(storage_root):
+        return str(objstore.Uri.parse(storage_root))
     root = Path(storage_root).expanduser().resolve()
     if not root.is_dir():
         raise ValueError(f"storage root {root} is not an existing directory")
     return root
 
 
-def _validate_store(store: StoreRecord, root: Path) -> dict:
-    path = Path(store.path).expanduser().resolve()
-    # lamindb registers a path outside its storage root by copying it or by asking the hub
-    # about the foreign location, and the hub is unreachable offline.
-    if path == root or not path.is_relative_to(root):
-        raise ValueError(f"store {path} (key {store.key!r}) is not inside storage root {root}")
-    relpath = path.relative_to(root).as_posix()
+def _validate_store(store: StoreRecord, root: Path | str) -> dict:
+    if isinstance(root, str):  # s3://: published by the compiler (root zarr.json last)
+        path = str(objstore.Uri.parse(store.path))
+        if not path.startswith(root + "/"):
+            raise ValueError(f"store {path} (key {store.key!r}) is not under storage root {root}")
+        relpath = path[len(root) + 1 :]
+    else:
+        path = Path(store.path).expanduser().resolve()
+        # lamindb registers a path outside its storage root by copying it or by asking the
+        # hub about the foreign location, and the hub is unreachable offline.
+        if path == root or not path.is_relative_to(root):
+            raise ValueError(f"store {path} (key {store.key!r}) is not inside storage root {root}")
+        relpath = path.relative_to(root).as_posix()
+        if not (path / "zarr.json").is_file():
+            raise ValueError(f"store {path} is not a Zarr v3 directory store (no zarr.json)")
     if relpath.split("/")[0] == ".lamindb":
-        raise ValueError(f"store {path} lies in lamindb's managed folder {root / '.lamindb'}")
-    if not (path / "zarr.json").is_file():
-        raise ValueError(f"store {path} is not a Zarr v3 directory store (no zarr.json)")
+        raise ValueError(f"store {path} lies in lamindb's managed folder .lamindb of {root}")
     if not isinstance(store.key, str) or not store.key or store.key.startswith("/"):
         raise ValueError(f"store {path}: key must be a non-empty relative path, got {store.key!r}")
     if ".lamindb/" in store.key:
@@ -338,7 +349,7 @@ def _validate_collections(collections: dict[str, list[str]]) -> dict[str, list[s
     return validated
 
 
-def _run_child(lamin_root: str | Path, storage_root: Path, request: dict, timeout_s: float):
+def _run_child(lamin_root: str | Path, storage_root: Path | str, request: dict, timeout_s: float):
     if importlib.util.find_spec("lamindb") is None:  # no import: the check costs nothing
         raise RuntimeError(
             f"LaminDB ({request['op']}) needs lamindb, which {sys.executable} does not have: "
@@ -390,26 +401,80 @@ def _tail(text: str | bytes | None) -> str:
 # --------------------------------------------------------------------------- child side
 
 
-def _connect(lamin_root: Path, storage_root: Path):
-    """Create or connect the instance and return the imported ``lamindb`` module."""
+def _connect(lamin_root: Path, storage_root: str):
+    """Create or connect the instance; the imported ``lamindb`` module and the storage
+    record of ``storage_root``.
+
+    A local storage root is the instance's own. An ``s3://`` root is a second storage
+    record of the instance (whose own root is then ``<lamin_root>/storage``), with the
+    ``AWS_ENDPOINT_URL`` as lamindb notes endpoints (``?endpoint_url=``).
+    """
     # Must precede the first lamindb_setup import: the settings location is read at import.
     os.environ["LAMIN_SETTINGS_DIR"] = str(lamin_root / "settings")
     os.environ["LAMIN_CACHE_DIR"] = str(lamin_root / "cache")
     import lamindb_setup
 
+    on_s3 = objstore.is_uri(storage_root)
+    own = lamin_root / "storage" if on_s3 else Path(storage_root)
     # init() creates the instance, or connects when its settings file exists; lamindb must only
     # be imported afterwards, otherwise it auto-connects to nothing.
-    lamindb_setup.init(storage=str(storage_root), name=INSTANCE_NAME)
+    lamindb_setup.init(storage=str(own), name=INSTANCE_NAME)
     import lamindb as ln
 
     ln.settings.verbosity = "error"
+    if on_s3:
+        return ln, _s3_storage(ln, storage_root)
     actual = Path(str(ln.setup.settings.storage.root)).resolve()
-    if actual != storage_root:
+    if actual != own:
         raise RuntimeError(
             f"instance {INSTANCE_NAME!r} under {lamin_root} has storage root {actual}, "
             f"not {storage_root}; use another lamin_root or the original storage root"
         )
-    return ln
+    return ln, ln.setup.settings.storage.record
+
+
+def _lamin_uri(uri: str) -> str:
+    """``uri`` as lamindb writes an S3 location at a custom endpoint."""
+    endpoint = objstore.endpoint()
+    return f"{uri}?endpoint_url={endpoint}" if endpoint else uri
+
+
+def _s3_storage(ln, root: str):
+    """The storage record of the ``s3://`` root, created when missing.
+
+    lamindb asks LaminHub whether the instance is on the hub (``instance.is_on_hub``)
+    before it records a cloud storage or a cloud artifact, and the hub is unreachable
+    offline (README, "Object storage"). The instance is local, so the answer is known:
+    it is set first in the instance settings' cache (``_is_on_hub``, a private attribute).
+    """
+    instance = ln.setup.settings.instance
+    if not hasattr(instance, "_is_on_hub"):
+        raise RuntimeError(
+            "lamindb's instance settings have no _is_on_hub (lamindb changed): registering "
+            "s3:// stores offline needs it; use the lamindb version of pyproject.toml, or "
+            "compile.register=false"
+        )
+    instance._is_on_hub = False
+    uri = _lamin_uri(root)
+    record = ln.Storage.filter(root=uri).one_or_none()
+    if record is None:
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        record = ln.Storage(
+            root=uri, region=region or "us-east-1", skip_mark_storage_root=True
+        ).save()
+    return record
+
+
+def _s3_stats(root: str) -> dict[str, tuple[int, int]]:
+    """Store prefix (relative to ``root``) -> (bytes, objects), from one listing of ``root``."""
+    stats: dict[str, list[int]] = {}
+    for key, size in objstore.list_objects(root).items():
+        store, sep, _ = key.partition(".zarr/")
+        if sep:
+            entry = stats.setdefault(store + ".zarr", [0, 0])
+            entry[0] += size
+            entry[1] += 1
+    return {k: (v[0], v[1]) for k, v in stats.items()}
 
 
 def _pseudo_hash(key: str, relpath: str, fingerprint: str) -> str:
@@ -530,6 +595,8 @@ def _register_artifacts(ln, stores: list[dict], storage_record, features: dict) 
     """Register every store with a constant number of queries (plus one insert each new
     artifact); returns the number of stores per outcome."""
     versions = _versions(ln, [store["key"] for store in stores], storage_record)
+    on_s3 = storage_record.type == "s3"
+    listed = _s3_stats(objstore.Uri.parse(storage_record.root.split("?")[0])) if on_s3 else {}
     status: dict[str, str] = {}
     current: dict[int, dict] = {}  # artifact id -> features, of the unchanged versions
     new, new_features = [], []
@@ -539,15 +606,21 @@ def _register_artifacts(ln, stores: list[dict], storage_record, features: dict) 
         latest = next((a for a in versions[key] if a.is_latest), None)
         same = next((a for a in versions[key] if a.hash == expected), None)
         if same is None:
-            size, n_files = _dir_stats(Path(store["path"]))
+            if on_s3:
+                if store["relpath"] not in listed:
+                    raise ValueError(f"store {store['path']} (key {key!r}): no objects on S3")
+                size, n_files = listed[store["relpath"]]
+            else:
+                size, n_files = _dir_stats(Path(store["path"]))
             new.append(
                 ln.Artifact(
-                    store["path"],
+                    _lamin_uri(store["path"]) if on_s3 else store["path"],
                     key=key,
                     description=_DESCRIPTION_PREFIX + store["fingerprint"],
                     revises=latest,
                     storage=storage_record,
                     skip_hash_lookup=True,  # the versions of the key were queried above
+                    skip_check_exists=True,  # checked: a local zarr.json, or the listing
                     # Any otype skips lamindb's probe for AnnData/MuData/SpatialData (three
                     # zarr opens, 8 ms an artifact); a token store is none, so it is reset
                     # to None below, what the probe would give.
@@ -612,10 +685,9 @@ def _register_collection(ln, key: str, artifact_keys: list[str], optional: set[s
     return "created" if latest is None else "updated"
 
 
-def _register(ln, request: dict) -> dict:
+def _register(ln, storage_record, request: dict) -> dict:
     from django.db import transaction
 
-    storage_record = ln.setup.settings.storage.record
     summary = {f"collections_{s}": 0 for s in ("created", "unchanged", "updated", "skipped")}
     # One transaction: a failure leaves the registry as it was rather than half-updated.
     with transaction.atomic():
@@ -630,14 +702,17 @@ def _register(ln, request: dict) -> dict:
 
 
 def _artifact_path(artifact) -> str:
-    """The local path of an artifact registered in place (lamindb's own storage key rule;
-    ``artifact.path`` would look the storage up once per artifact)."""
+    """The local path or ``s3://`` URI of an artifact registered in place (lamindb's own
+    storage key rule; ``artifact.path`` would look the storage up once per artifact)."""
     from lamindb.core.storage.paths import auto_storage_key_from_artifact
 
-    return str(Path(artifact.storage.root) / auto_storage_key_from_artifact(artifact))
+    key = auto_storage_key_from_artifact(artifact)
+    if artifact.storage.type == "s3":  # the root without lamindb's ?endpoint_url=
+        return objstore.join(artifact.storage.root.split("?")[0], key)
+    return str(Path(artifact.storage.root) / key)
 
 
-def _lookup(ln, request: dict) -> dict[str, str | None]:
+def _lookup(ln, storage_record, request: dict) -> dict[str, str | None]:
     found = {}
     for chunk in _chunks(request["keys"]):
         query = ln.Artifact.filter(key__in=chunk, is_latest=True).select_related("storage")
@@ -645,7 +720,7 @@ def _lookup(ln, request: dict) -> dict[str, str | None]:
     return {key: found.get(key) for key in request["keys"]}
 
 
-def _collections(ln, request: dict) -> dict:
+def _collections(ln, storage_record, request: dict) -> dict:
     """Members of the latest version of each collection key, in the order they were
     registered in (the split's), or the unknown keys with the keys that exist."""
     keys = request["keys"]
@@ -690,9 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m preprocess.registry <request.json>", file=sys.stderr)
         return 2
     request = json.loads(Path(args[0]).read_text())
-    ln = _connect(Path(request["lamin_root"]), Path(request["storage_root"]))
+    ln, storage_record = _connect(Path(request["lamin_root"]), request["storage_root"])
     handlers = {"register": _register, "lookup": _lookup, "collections": _collections}
-    result = handlers[request["op"]](ln, request)
+    result = handlers[request["op"]](ln, storage_record, request)
     Path(request["result_path"]).write_text(json.dumps(result))
     return 0
 

@@ -142,9 +142,6 @@ def test_killed_upload_is_invisible_and_rerun_equals_clean(s3_env, compiled):
 
 
 def test_wrong_credentials_or_missing_bucket_name_the_bucket(s3_env, compiled, monkeypatch):
-    root = "PATH.COMPILED_ROOT=s3://concept/compiled"
-    with pytest.raises(ConfigError, match=r"LaminDB registration of s3:// .*register=false"):
-        cli.run(config(compiled, root, "compile.register=true"))  # refused before any work
     with pytest.raises(ConfigError, match=r"s3://no-such-bucket: no such bucket"):
         cli.run(config(compiled, "PATH.COMPILED_ROOT=s3://no-such-bucket/compiled"))
     with pytest.raises(objstore.BucketError, match=r"s3://no-such-bucket: no such bucket"):
@@ -328,6 +325,63 @@ def test_train_20_steps_from_s3(s3_env, s3_compiled, tmp_path):
     train(cfg)
     losses = _train_losses(next(tmp_path.rglob("metrics.csv")).parent)
     assert len(losses) == 20 and all(np.isfinite(v) for v in losses.values())
+
+
+def test_registry_holds_s3_stores_and_training_resolves_them(s3_env, s3_compiled, tmp_path):
+    """compile.register=true with an s3:// root: every store is an artifact with its s3://
+    URI (stats from one listing, nothing read), a rerun registers nothing new, and
+    ``datamodule.collection`` trains from the stores on S3 without any split config."""
+    from test_registry import NO_SPLITS
+    from test_train import _cfg, _train_losses
+
+    import concept.datamodule as dm
+    from concept.train import train
+    from preprocess.registry import collection_key, lookup_stores, resolve_collections
+
+    root, local = s3_compiled
+    project = next(iter(local.values())).parents[2]
+    lamin = tmp_path / "lamin"
+    summaries = []
+    register = cli.register
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "register", lambda *a: summaries.append(register(*a)) or {})
+        args = [MULTI, "compile.workers=1", f"PATH.COMPILED_ROOT={root}"]
+        args += [f"PATH.LAMIN_ROOT={lamin}", "compile.register=true"]
+        assert cli.run(config(project, *args)) == 0  # current stores: registered only
+        assert cli.run(config(project, *args)) == 0
+    assert summaries[0]["artifacts_created"] == len(local)
+    assert summaries[1]["artifacts_unchanged"] == len(local)
+    assert summaries[1]["artifacts_created"] == summaries[1]["artifacts_updated"] == 0
+    keys = {f"compiled/{name}": objstore.join(root, name) for name in local}
+    assert lookup_stores(lamin, root, list(keys)) == keys
+    train_key = collection_key("synth_cxg", "hsapiens", "train")
+    members = resolve_collections(lamin, root, [train_key])[train_key]
+    assert members and all(m["path"] == keys[m["key"]] for m in members)
+    opened = []
+
+    class Recording(dm.TokenLoader):
+        def __init__(self, paths, *args, **kwargs):
+            opened.append(list(paths))
+            super().__init__(paths, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dm, "TokenLoader", Recording)
+        train(
+            _cfg(
+                project,
+                *NO_SPLITS,
+                f"datamodule.collection={train_key}",
+                f"PATH.COMPILED_ROOT={root}",
+                f"PATH.LAMIN_ROOT={lamin}",
+                f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
+                "model.training.max_steps=3",
+                "model.training.val_check_interval=1000",
+                "model.training.log_every_n_steps=1",
+                "wandb.run_name=s3reg",
+            )
+        )
+    assert opened[0] == [m["path"] for m in members]  # the s3:// URIs, in the split's order
+    assert sorted(_train_losses(tmp_path / "runs" / "s3reg")) == [0, 1, 2]
 
 
 def test_epoch_survives_a_server_restart(tmp_path, monkeypatch, compiled):
