@@ -205,34 +205,57 @@ def on_rank_zero(trainer, fn):
 # --- PATH.LOCAL_DIR: stores copied to node-local disk ------------------------------------
 
 
-def local_path(store: Path, compiled_root: Path, local_dir: Path) -> Path:
-    """Where ``store`` is copied under ``PATH.LOCAL_DIR`` (its path below the compiled root)."""
+def local_path(store: Path | str, compiled_root: Path | str, local_dir: Path) -> Path:
+    """Where ``store`` (a folder or an ``s3://`` URI) is copied under ``PATH.LOCAL_DIR``:
+    its path below the compiled root."""
+    if objstore.is_uri(store):
+        uri, root = str(objstore.Uri.parse(store)), str(compiled_root).rstrip("/")
+        if uri.startswith(root + "/"):
+            return local_dir / uri[len(root) + 1 :]
+        return local_dir.joinpath(*uri.split("/")[-2:])
     try:
         return local_dir / store.relative_to(compiled_root)
     except ValueError:
         return local_dir / store.parent.name / store.name
 
 
-def localize(stores: list[Path], compiled_root: Path, local_dir: Path) -> None:
-    """Copy stores to ``local_dir``, incrementally. A copy whose ``zarr.json`` equals the
-    store's is current and kept (the root attributes change with every compile); others
-    are copied under a temporary name and renamed into place, so a partial copy is never
-    at the final path and never used."""
+def localize(stores: list[Path | str], compiled_root: Path | str, local_dir: Path) -> None:
+    """Copy stores (folders, or ``s3://`` stores: downloaded) to ``local_dir``,
+    incrementally. A copy whose ``zarr.json`` equals the store's is current and kept (the
+    root attributes change with every compile); others are copied under a temporary name
+    and renamed into place, so a partial copy is never at the final path and never used."""
     tag = f"{socket.gethostname()}-{os.getpid()}"
     for store in stores:
         dst = local_path(store, compiled_root, local_dir)
-        meta = (store / "zarr.json").read_bytes()
+        on_s3 = objstore.is_uri(store)
+        meta = _root_meta(store)
         if (dst / "zarr.json").is_file() and (dst / "zarr.json").read_bytes() == meta:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp, old = dst.parent / f".{dst.name}.copy-{tag}", dst.parent / f".{dst.name}.old-{tag}"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(store, tmp)
+        if on_s3:  # the commit marker last, and only if the store did not change meanwhile
+            objstore.download(store, tmp, skip=(objstore.COMMIT,))
+            if _root_meta(store) != meta:
+                raise StaleStoreError(
+                    f"{store}: replaced while being copied to {dst} (compiled again): "
+                    "start the run again"
+                )
+            (tmp / objstore.COMMIT).write_bytes(meta)
+        else:
+            shutil.copytree(store, tmp)
         if dst.exists():
             dst.rename(old)
         tmp.rename(dst)
         shutil.rmtree(old, ignore_errors=True)
         log.info("%s: copied to %s", store, dst)
+
+
+def _root_meta(store: Path | str) -> bytes:
+    """A store's root ``zarr.json`` (its version: the attributes change with every compile)."""
+    if objstore.is_uri(store):
+        return objstore.read(objstore.join(store, objstore.COMMIT))
+    return (store / "zarr.json").read_bytes()
 
 
 def read_mappings(cfg: Config) -> dict[str, TokenMapping]:
@@ -313,15 +336,12 @@ class TokenDataModule(L.LightningDataModule):
         if reason:
             raise StaleStoreError(reason)
         local = self.cfg.PATH.LOCAL_DIR
-        if local and objstore.is_uri(self.cfg.PATH.COMPILED_ROOT):
-            raise ConfigError(
-                f"PATH.LOCAL_DIR={local} with PATH.COMPILED_ROOT={self.cfg.PATH.COMPILED_ROOT}: "
-                "copying s3:// stores to local disk is not supported; unset PATH.LOCAL_DIR "
-                "to train straight from S3"
-            )
         if local:  # one copy per node (local rank 0); the other ranks wait for it
-            needed = sorted({*self.stores.train, *(p for v in self.stores.val.values() for p in v)})
-            root = Path(self.cfg.PATH.COMPILED_ROOT)
+            needed = sorted(
+                {*self.stores.train, *(p for v in self.stores.val.values() for p in v)}, key=str
+            )
+            root = self.cfg.PATH.COMPILED_ROOT
+            root = root if objstore.is_uri(root) else Path(root)
             if trainer.local_rank == 0:
                 localize(needed, root, Path(local))
             trainer.strategy.barrier("PATH.LOCAL_DIR")

@@ -448,3 +448,18 @@ class S3Files:
 
     def close(self) -> None:
         self._etags.clear()
+
+
+def download(uri: str | Uri, dest: Path, skip: Iterable[str] = ()) -> None:
+    """Copy the objects under the prefix ``uri/`` (but those named in ``skip``) into the
+    folder ``dest``, concurrently."""
+    u = Uri.parse(uri)
+    names = [k for k in list_objects(u) if k not in set(skip)]
+
+    async def one(name: str) -> None:
+        data, _ = await get_async(u.join(name))
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    wait(one(n) for n in names)

@@ -384,6 +384,77 @@ def test_registry_holds_s3_stores_and_training_resolves_them(s3_env, s3_compiled
     assert sorted(_train_losses(tmp_path / "runs" / "s3reg")) == [0, 1, 2]
 
 
+def test_local_dir_downloads_s3_stores_once_per_version(s3_env, s3_compiled, tmp_path):
+    """PATH.LOCAL_DIR with an s3:// root: the stores are downloaded (the objects, byte for
+    byte), a current copy is kept, a store replaced on S3 is downloaded again, and training
+    reads the local copies."""
+    from test_train import _cfg, _train_losses
+
+    import concept.datamodule as dm
+    from concept.train import train
+
+    root, local = s3_compiled
+    uris = [objstore.join(root, name) for name in local]
+    here = tmp_path / "node-local"
+    downloads = []
+    download = objstore.download
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            objstore,
+            "download",
+            lambda uri, *a, **k: downloads.append(uri) or download(uri, *a, **k),
+        )
+        dm.localize(uris, root, here)
+        assert sorted(downloads) == sorted(uris)
+        for name, uri in zip(local, uris, strict=True):
+            copy = here / name
+            assert _files(copy) == {
+                k: objstore.read(objstore.join(uri, k)) for k in objstore.list_objects(uri)
+            }
+            assert {k: v for k, v in _files(copy).items() if k != "zarr.json"} == {
+                k: v for k, v in _files(local[name]).items() if k != "zarr.json"
+            }
+        downloads.clear()
+        dm.localize(uris, root, here)
+        assert downloads == []  # current copies are kept
+        original = objstore.read(objstore.join(uris[0], "zarr.json"))
+        meta = json.loads(original)
+        meta["attributes"]["created_at"] = "2026-12-02T00:00:00+00:00"  # compiled again
+        objstore.write(objstore.join(uris[0], "zarr.json"), json.dumps(meta).encode())
+        try:
+            dm.localize(uris, root, here)
+        finally:  # the module's stores stay as compiled
+            objstore.write(objstore.join(uris[0], "zarr.json"), original)
+        assert downloads == [uris[0]]
+        assert json.loads((here / next(iter(local)) / "zarr.json").read_bytes()) == meta
+        assert not list(here.rglob(".*.copy-*"))  # no temporary left
+
+    opened = []
+
+    class Recording(dm.TokenLoader):
+        def __init__(self, paths, *args, **kwargs):
+            opened.append(list(paths))
+            super().__init__(paths, *args, **kwargs)
+
+    project = next(iter(local.values())).parents[2]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dm, "TokenLoader", Recording)
+        train(
+            _cfg(
+                project,
+                f"PATH.COMPILED_ROOT={root}",
+                f"PATH.LOCAL_DIR={here}",
+                f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
+                "model.training.max_steps=3",
+                "model.training.val_check_interval=1000",
+                "model.training.log_every_n_steps=1",
+                "wandb.run_name=s3local",
+            )
+        )
+    assert opened and all(Path(p).is_relative_to(here) for p in opened[0])
+    assert sorted(_train_losses(tmp_path / "runs" / "s3local")) == [0, 1, 2]
+
+
 def test_epoch_survives_a_server_restart(tmp_path, monkeypatch, compiled):
     """The server killed mid-epoch and restarted: the loader's reads are retried and the
     epoch completes with the batches of the same stores on local disk."""
