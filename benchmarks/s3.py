@@ -38,16 +38,19 @@ printed, since the server shares the machine's cores with the client.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):
@@ -57,11 +60,13 @@ for p in (ROOT, ROOT / "tests"):
 from s3server import SeaweedServer  # noqa: E402
 
 from concept import objstore  # noqa: E402
+from concept.store import TOKENS  # noqa: E402
 
 SIZES = (4 << 10, 64 << 10, 1 << 20)
 DEPTHS = (1, 4, 16, 64)  # TokenLoader prefetch: batches whose reads are in flight
 CONCURRENCY = (1, 8, 32, 64)
 KEY = "bench/object"
+CEILING_BYTES = 48 << 10  # the server-ceiling rows' range: about a 32-cell block's tokens
 
 
 def _obstore(files: objstore.S3Files, starts: np.ndarray, size: int, conc: int) -> None:
@@ -165,43 +170,188 @@ def _store(tmp: Path, cells: int) -> Path:
     return next(Path(cfg.PATH.COMPILED_ROOT).rglob("hs_csr_e.zarr"))
 
 
-_GETS = [0]
+# --- the delay proxy ----------------------------------------------------------------------
+
+
+async def _forward(reader, writer, delay: float) -> None:
+    """Copy one direction of a connection, each segment ``delay`` seconds after it arrived
+    (in order: every segment waits the same), then half-close."""
+    loop = asyncio.get_running_loop()
+    segments: asyncio.Queue = asyncio.Queue()
+
+    async def receive() -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                segments.put_nowait((loop.time() + delay, data))
+        except ConnectionError:
+            pass
+        segments.put_nowait((loop.time() + delay, b""))
+
+    async def deliver() -> None:
+        while True:
+            due, data = await segments.get()
+            await asyncio.sleep(due - loop.time())
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    try:
+        await asyncio.gather(receive(), deliver())
+    except ConnectionError:
+        writer.close()
+
+
+def serve_proxy(port: int, one_way_ms: float) -> None:
+    """A TCP proxy on 127.0.0.1 to ``127.0.0.1:port`` that delays every segment, both ways,
+    by ``one_way_ms``; prints the port it listens on, runs until killed."""
+    delay = one_way_ms / 1e3
+
+    async def connection(client_r, client_w) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(
+            _forward(client_r, server_w, delay), _forward(server_r, client_w, delay)
+        )
+        client_w.close()
+        server_w.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(connection, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+class DelayProxy:
+    """:func:`serve_proxy` in a child process (its own core time, not the client's GIL);
+    ``endpoint`` is the server's through it, ``process`` the child (for its CPU time)."""
+
+    def __init__(self, endpoint: str, one_way_ms: float):
+        self.target = int(endpoint.rsplit(":", 1)[1])
+        self.one_way_ms = one_way_ms
+
+    def __enter__(self) -> DelayProxy:
+        cmd = [sys.executable, __file__, "--serve-proxy", str(self.target), str(self.one_way_ms)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.endpoint = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
+        self.process = psutil.Process(self.proc.pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class _Direct:
+    """The server's own endpoint (no added delay), as a :class:`DelayProxy` stand-in."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint, self.process = endpoint, None
+
+    def __enter__(self) -> _Direct:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+# --- the loader rows ----------------------------------------------------------------------
+
+_GETS = [0, 0]  # requests, bytes
 
 
 def _counted(get):
-    """``objstore.get_async`` counting its requests (the S3 rows' GETs per batch)."""
+    """``objstore.get_async`` counting its requests and their bytes (GETs per batch)."""
 
     async def counted(*args, **kwargs):
+        data, etag = await get(*args, **kwargs)
         _GETS[0] += 1
-        return await get(*args, **kwargs)
+        _GETS[1] += len(data)
+        return data, etag
 
     return counted
 
 
-def _cells_per_s(path, prefetch: int, block: int) -> tuple[float, float, float]:
-    """Cells/s (median of 3 epochs after a warm-up one), GET requests per batch, and the
-    client's CPU seconds (all its threads) per wall second."""
+def _cpu(process) -> float:
+    """CPU seconds (user + system) of a process so far; 0 for none."""
+    if process is None:
+        return 0.0
+    t = process.cpu_times()
+    return t.user + t.system
+
+
+def _cells_per_s(path, prefetch: int, block: int, others: dict) -> dict:
+    """Cells/s (median of 3 epochs after a warm-up one), GET requests and bytes per
+    batch, and the CPU seconds per wall second of the client (all its threads) and of
+    each process in ``others`` (the server, the proxy)."""
     from concept.data import TokenLoader
 
     loader = TokenLoader(
         [path], batch_size=128, block_size=block, seed=0, prefetch=prefetch, pin_memory=False
     )
-    times, cpu = [], []
+    times, cpu = [], {k: [] for k in ("client", *others)}
     for epoch in range(4):
         loader.set_epoch(epoch)
-        t0, c0, n, _GETS[0] = time.perf_counter(), time.process_time(), 0, 0
+        c0 = {k: _cpu(p) for k, p in others.items()}
+        t0, c, n, _GETS[:] = time.perf_counter(), time.process_time(), 0, [0, 0]
         for batch in loader:
             n += len(batch)
         times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        cpu["client"].append(time.process_time() - c)
+        for k, p in others.items():
+            cpu[k].append(_cpu(p) - c0[k])
     dt = statistics.median(times[1:])
-    return n / dt, _GETS[0] / len(loader), statistics.median(cpu[1:]) / dt
+    out = {
+        "cells_per_s": n / dt,
+        "gets_per_batch": _GETS[0] / len(loader),
+        "kib_per_get": _GETS[1] / max(_GETS[0], 1) / 1024,
+    }
+    return out | {f"{k}_cpu_per_wall_s": statistics.median(v[1:]) / dt for k, v in cpu.items()}
 
 
-def measure_loader(cells: int, block: int, depths: tuple[int, ...]) -> list[dict]:
+def _ceiling(uri: str, size: int, others: dict) -> dict:
+    """The server's request rate for random ``size``-byte ranges of the store's first
+    tokens shard, :data:`concept.objstore.REQUESTS` in flight (median of 3 rounds of 1,024
+    requests after a warm-up one), and the server's and proxy's CPU per wall second."""
+    files = objstore.S3Files(uri)
+    shard = f"{TOKENS}/c/0"
+    length = objstore.list_objects(uri)[shard]
+    rng = np.random.default_rng(2)
+    times, cpu = [], {k: [] for k in others}
+    buf = memoryview(bytearray(size * objstore.REQUESTS))
+    for _ in range(4):
+        starts = rng.integers(0, length - size, 1024)
+        c0 = {k: _cpu(p) for k, p in others.items()}
+        t0 = time.perf_counter()
+        # all requests at once, REQUESTS of them in flight (into overlapping buffers: the
+        # bytes are not looked at)
+        pending = [
+            files.read_into(shard, int(a), buf[(j % objstore.REQUESTS) * size :][:size])
+            for j, a in enumerate(starts)
+        ]
+        for f in pending:
+            f.result()
+        times.append(time.perf_counter() - t0)
+        for k, p in others.items():
+            cpu[k].append(_cpu(p) - c0[k])
+    dt = statistics.median(times[1:])
+    out = {"requests_per_s": 1024 / dt}
+    return out | {f"{k}_cpu_per_wall_s": statistics.median(v[1:]) / dt for k, v in cpu.items()}
+
+
+def measure_loader(
+    cells: int,
+    blocks: tuple[int, ...],
+    depths: tuple[int, ...],
+    delays_ms: tuple[float, ...],
+    weed_flags: tuple[str, ...] = (),
+) -> list[dict]:
     rows = []
     tmp = tempfile.TemporaryDirectory(prefix="s3-bench-loader-")
-    with tmp, SeaweedServer(Path(tmp.name) / "data") as server:
+    with tmp, SeaweedServer(Path(tmp.name) / "data", flags=weed_flags) as server:
         os.environ.update(server.env())
         local = _store(Path(tmp.name), cells)
         uri = f"s3://{server.bucket}/loader/{local.name}"
@@ -209,31 +359,60 @@ def measure_loader(cells: int, block: int, depths: tuple[int, ...]) -> list[dict
         objstore.get_async = _counted(objstore.get_async)
         size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
         print(f"store: {cells:,} cells, {size / 2**20:.1f} MiB", flush=True)
-        base = None
-        for where, path, ds in (("local", local, (4,)), ("s3", uri, depths)):
-            for depth in ds:
-                rate, gets, busy = _cells_per_s(path, depth, block)
-                base = base or rate
-                rows.append(
-                    {
-                        "source": where,
-                        "prefetch": depth,
-                        "block_size": block,
-                        "cells": cells,
-                        "store_mib": round(size / 2**20, 1),
-                        "cells_per_s": round(rate),
-                        "gets_per_batch": round(gets, 1),
-                        "gets_per_s": round(gets * rate / 128),
-                        "client_cpu_per_wall_s": round(busy, 2),
-                        "vs_local": round(rate / base, 2),
-                    }
-                )
+        weed = psutil.Process(server.proc.pid)
+        base = {}
+        for block in blocks:
+            got = _cells_per_s(local, 4, block, {})
+            base[block] = got["cells_per_s"]
+            rows.append(_row("local", 0, 4, block, cells, size, got, base[block]))
+        for rtt in delays_ms:
+            with DelayProxy(server.endpoint, rtt / 2) if rtt else _Direct(server.endpoint) as via:
+                os.environ["AWS_ENDPOINT_URL"] = via.endpoint
+                others = {"server": weed} | ({"proxy": via.process} if via.process else {})
+                ceiling = _ceiling(uri, CEILING_BYTES, others)
+                rows.append({"source": "ceiling", "added_rtt_ms": rtt} | _rounded(ceiling))
                 print(
-                    f"loader {where:<5} prefetch {depth:>3}  {rate:>9.0f} cells/s  "
-                    f"({rate / base:.2f} of local)  {gets:.1f} GETs/batch  client CPU {busy:.2f}",
+                    f"server ceiling, +{rtt:g} ms: {ceiling['requests_per_s']:.0f} requests/s "
+                    f"of {CEILING_BYTES >> 10} KiB ({objstore.REQUESTS} in flight)  "
+                    + _cpus(ceiling),
                     flush=True,
                 )
+                for block in blocks:
+                    for depth in depths:
+                        got = _cells_per_s(uri, depth, block, others)
+                        rows.append(_row("s3", rtt, depth, block, cells, size, got, base[block]))
+            os.environ["AWS_ENDPOINT_URL"] = server.endpoint
     return rows
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def _cpus(d: dict) -> str:
+    return "  ".join(
+        f"{k[:-15]} CPU {v:.2f}" for k, v in d.items() if k.endswith("_cpu_per_wall_s")
+    )
+
+
+def _row(where, rtt, depth, block, cells, size, got: dict, base: float) -> dict:
+    row = {
+        "source": where,
+        "added_rtt_ms": rtt,
+        "prefetch": depth,
+        "block_size": block,
+        "cells": cells,
+        "store_mib": round(size / 2**20, 1),
+        "gets_per_s": round(got["gets_per_batch"] * got["cells_per_s"] / 128),
+        "vs_local": round(got["cells_per_s"] / base, 3),
+    } | _rounded(got)
+    print(
+        f"loader {where:<5} +{rtt:>2g} ms  block {block:>3}  prefetch {depth:>3}  "
+        f"{got['cells_per_s']:>9.0f} cells/s  ({row['vs_local']:.3f} of local)  "
+        f"{got['gets_per_batch']:.1f} GETs/batch of {got['kib_per_get']:.0f} KiB  " + _cpus(got),
+        flush=True,
+    )
+    return row
 
 
 def main() -> None:
@@ -241,20 +420,59 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=64, help="size of the object read (MiB)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--cells", type=int, default=50000, help="cells of the loader's store")
-    ap.add_argument("--block-size", type=int, default=32, help="the loader's block_size")
+    ap.add_argument(
+        "--block-size", type=int, nargs="+", default=[32], help="the loader's block_size(s)"
+    )
     ap.add_argument(
         "--depths", type=int, nargs="+", default=DEPTHS, help="read-ahead depths from S3"
     )
+    ap.add_argument(
+        "--rtt-ms",
+        type=float,
+        nargs="+",
+        default=[0],
+        help="added round-trip delays (ms) of the loader rows (0: no proxy)",
+    )
+    ap.add_argument(
+        "--requests", type=int, default=objstore.REQUESTS, help="objstore.REQUESTS in flight"
+    )
+    ap.add_argument(
+        "--weed-flag", action="append", default=[], help="another `weed mini` flag (repeatable)"
+    )
     ap.add_argument("--no-range-reads", action="store_true", help="only the loader rows")
+    ap.add_argument(
+        "--serve-proxy", nargs=2, metavar=("PORT", "ONE_WAY_MS"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
+    if args.serve_proxy:
+        serve_proxy(int(args.serve_proxy[0]), float(args.serve_proxy[1]))
+        return
+    objstore.REQUESTS = args.requests
+    load0 = os.getloadavg()
     rows = [] if args.no_range_reads else measure(args.mib)
-    loader = measure_loader(args.cells, args.block_size, tuple(args.depths)) if args.cells else []
+    loader = (
+        measure_loader(
+            args.cells,
+            tuple(args.block_size),
+            tuple(args.depths),
+            tuple(args.rtt_ms),
+            tuple(args.weed_flag),
+        )
+        if args.cells
+        else []
+    )
     machine = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "loadavg_start": load0,
         "loadavg": os.getloadavg(),
+        "requests_in_flight": objstore.REQUESTS,
+        "weed_flags": args.weed_flag,
     }
-    print(f"load average at the end: {machine['loadavg'][0]:.2f} ({machine['cpu_count']} cores)")
+    print(
+        f"load average at the start {load0[0]:.2f}, at the end {machine['loadavg'][0]:.2f} "
+        f"({machine['cpu_count']} cores)"
+    )
     if args.json:
         args.json.write_text(
             json.dumps({"machine": machine, "range_reads": rows, "loader": loader}, indent=2)

@@ -645,7 +645,29 @@ class _RawArray:
         return self._index[k]
 
     def _pieces(self, start: int, stop: int):
-        """(file number, byte offset or None if absent, element lo, element hi) pieces."""
+        """(file number, byte offset or None if absent, element lo, element hi) pieces: one
+        per file, except that a shard's inner chunks are one piece only while they lie one
+        after the other in the shard file (the compiler writes them in order; the index
+        says), so a range across inner chunks is one read (``preadv``, or one GET)."""
+        size, run = self.dtype.itemsize, None
+        for piece in self._chunk_pieces(start, stop):
+            if (
+                run is not None
+                and piece[0] == run[0]
+                and piece[1] is not None
+                and run[1] is not None
+                and run[1] + (run[3] - run[2]) * size == piece[1]
+            ):
+                run = (run[0], run[1], run[2], piece[3])
+                continue
+            if run is not None:
+                yield run
+            run = piece
+        if run is not None:
+            yield run
+
+    def _chunk_pieces(self, start: int, stop: int):
+        """:meth:`_pieces`, one per inner chunk (or chunk)."""
         step = self.inner or self.outer
         for c0 in range(start - start % step, stop, step):
             lo, hi = max(start, c0), min(stop, c0 + step)

@@ -69,6 +69,9 @@ class SeaweedServer:
         Where SeaweedFS keeps its volumes (kept across :meth:`restart`).
     bucket, access_key, secret_key
         Created at start (``S3_BUCKET``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``).
+    flags
+        More ``weed mini`` flags (``benchmarks/s3.py --weed-flag``, e.g.
+        ``-s3.cacheCapacityMB=256``).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class SeaweedServer:
         bucket: str = BUCKET,
         access_key: str = ACCESS_KEY,
         secret_key: str = SECRET_KEY,
+        flags: tuple[str, ...] = (),
     ):
         binary = weed_binary()
         if binary is None:
@@ -85,6 +89,7 @@ class SeaweedServer:
             )
         self.binary, self.data_dir = binary, Path(data_dir)
         self.bucket, self.access_key, self.secret_key = bucket, access_key, secret_key
+        self.flags = tuple(flags)
         self.ports = dict(zip(_COMPONENTS, _free_pairs(len(_COMPONENTS)), strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.proc: subprocess.Popen | None = None
@@ -115,7 +120,7 @@ class SeaweedServer:
         ]
         for name, port in self.ports.items():
             args += [f"-{name}.port={port}", f"-{name}.port.grpc={port + _GRPC_OFFSET}"]
-        return args
+        return args + list(self.flags)
 
     def start(self, timeout: float = 60.0) -> SeaweedServer:
         """Start the server and wait until the bucket takes a write and a read."""

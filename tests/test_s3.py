@@ -524,3 +524,28 @@ def test_compressed_and_plain_stores_on_s3_read_as_local(s3_env, tmp_path):
         here = fmt.open_store(local)
         assert np.array_equal(remote.obs("ct")[0], here.obs("ct")[0])
         assert np.array_equal(remote.var_tokens, here.var_tokens)
+
+
+def test_a_range_across_inner_chunks_is_one_get(s3_env, tmp_path, monkeypatch):
+    """From S3, a read across adjacent inner chunks of a shard is one range GET, with the
+    local store's values."""
+    from test_corpus import SMALL, _write
+
+    local = _write(tmp_path / "s.zarr", 0, 60, SMALL)
+    uri = objstore.join(_root(), local.name)
+    objstore.publish(local, uri)
+    gets = []
+    get = objstore.get_async
+
+    async def counted(u, byte_range=None, etag=None):
+        gets.append((str(u).rsplit("/", 3)[-3:], byte_range))
+        return await get(u, byte_range, etag)
+
+    monkeypatch.setattr(objstore, "get_async", counted)
+    here = fmt.open_store(local)
+    for name in (fmt.TOKENS, fmt.VALUES):
+        remote, size = fmt.open_store(uri), here.dtype(name).itemsize
+        remote.read(name, 0, 1)  # the shard index (a suffix GET), once
+        gets.clear()
+        assert np.array_equal(remote.read(name, 30, 200), here.read(name, 30, 200))
+        assert gets == [([name, "c", "0"], (30 * size, 200 * size))]
