@@ -4,16 +4,26 @@ local disk, in one run.
 
 Usage::
 
-    .venv/bin/python benchmarks/s3.py [--mib 64] [--cells 50000] [--block-size 32]
-        [--depths 1 4 16 64] [--no-range-reads] [--json PATH]
+    .venv/bin/python benchmarks/s3.py [--mib 64] [--cells 50000] [--block-size 32 [128 ...]]
+        [--depths 1 4 16 64] [--rtt-ms 0 [20 ...]] [--requests 64]
+        [--weed-flag=-FLAG=VALUE ...] [--no-range-reads] [--json PATH]
 
 **Loader rows** (``--cells``, 0 skips them): one synthetic file of ``--cells`` cells x
 3,000 genes is compiled to local disk (defaults: uncompressed), and the same store is
-uploaded to the server (``concept.objstore.publish``). ``TokenLoader`` (batch 128,
-``--block-size`` 32, ``num_workers=0``) then reads whole epochs of it, local first (warm:
+uploaded to the server (``concept.objstore.publish``). ``TokenLoader`` (batch 128, each
+``--block-size``, ``num_workers=0``) then reads whole epochs of it, local first (warm:
 the page cache holds the store after the first epoch) and then from S3 at each read-ahead
 depth (``prefetch``, ``--depths``, default :data:`DEPTHS`), each the median of 3 epochs
-after a warm-up one; the GET requests per batch and the client's CPU use are recorded.
+after a warm-up one; the GET requests (and bytes) per batch and the CPU seconds per wall
+second of the client, the server and the proxy are recorded.
+
+**Added latency** (``--rtt-ms``): the kernel has no ``sch_netem``, so a delay is added by
+a TCP proxy (:func:`serve_proxy`, asyncio, a child process listening on 127.0.0.1 only,
+stopped after its rows) between the client and the server: every segment is forwarded
+half the round trip after it arrived, in each direction, so each request waits
+``--rtt-ms`` more (20: 10 ms each way); bandwidth and pipelining are not limited. Before
+the loader rows of each delay, the **server ceiling** is measured through the same path:
+random ranges of :data:`CEILING_BYTES` of the token and value shards with ``--requests`` in flight.
 
 The loader reads contiguous entry ranges of shard files (a 32-cell block of tokens or
 values is some 10-100 KiB) and, once per shard, its index (the last bytes). This script
@@ -60,7 +70,7 @@ for p in (ROOT, ROOT / "tests"):
 from s3server import SeaweedServer  # noqa: E402
 
 from concept import objstore  # noqa: E402
-from concept.store import TOKENS  # noqa: E402
+from concept.store import TOKENS, VALUES  # noqa: E402
 
 SIZES = (4 << 10, 64 << 10, 1 << 20)
 DEPTHS = (1, 4, 16, 64)  # TokenLoader prefetch: batches whose reads are in flight
@@ -313,24 +323,30 @@ def _cells_per_s(path, prefetch: int, block: int, others: dict) -> dict:
 
 
 def _ceiling(uri: str, size: int, others: dict) -> dict:
-    """The server's request rate for random ``size``-byte ranges of the store's first
-    tokens shard, :data:`concept.objstore.REQUESTS` in flight (median of 3 rounds of 1,024
-    requests after a warm-up one), and the server's and proxy's CPU per wall second."""
+    """The server's request rate for random ``size``-byte ranges of the store's token and
+    value shards (the objects the loader reads), :data:`concept.objstore.REQUESTS` in
+    flight (median of 3 rounds of 1,024 requests after a warm-up one), and the server's
+    and proxy's CPU per wall second."""
     files = objstore.S3Files(uri)
-    shard = f"{TOKENS}/c/0"
-    length = objstore.list_objects(uri)[shard]
+    shards = {
+        k: n
+        for k, n in objstore.list_objects(uri).items()
+        if k.split("/c/")[0] in (TOKENS, VALUES) and n > size
+    }
+    names = sorted(shards)
     rng = np.random.default_rng(2)
     times, cpu = [], {k: [] for k in others}
     buf = memoryview(bytearray(size * objstore.REQUESTS))
     for _ in range(4):
-        starts = rng.integers(0, length - size, 1024)
+        picks = rng.integers(0, len(names), 1024)
+        starts = [(names[i], int(rng.integers(0, shards[names[i]] - size))) for i in picks]
         c0 = {k: _cpu(p) for k, p in others.items()}
         t0 = time.perf_counter()
         # all requests at once, REQUESTS of them in flight (into overlapping buffers: the
         # bytes are not looked at)
         pending = [
-            files.read_into(shard, int(a), buf[(j % objstore.REQUESTS) * size :][:size])
-            for j, a in enumerate(starts)
+            files.read_into(name, a, buf[(j % objstore.REQUESTS) * size :][:size])
+            for j, (name, a) in enumerate(starts)
         ]
         for f in pending:
             f.result()

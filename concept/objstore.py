@@ -172,15 +172,15 @@ def _loop() -> asyncio.AbstractEventLoop:
     return _state["loop"]
 
 
+async def _limited(coro: Coroutine, limit: asyncio.Semaphore):
+    async with limit:
+        return await coro
+
+
 def submit(coro: Coroutine) -> Future:
     """Run a coroutine on the process's S3 event loop (at most :data:`REQUESTS` at once)."""
     loop, limit = _loop()
-
-    async def limited():
-        async with limit:
-            return await coro
-
-    return asyncio.run_coroutine_threadsafe(limited(), loop)
+    return asyncio.run_coroutine_threadsafe(_limited(coro, limit), loop)
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -439,12 +439,14 @@ class S3Files:
 
     def read_many(self, reads: list[tuple[str, int, memoryview]]) -> Future:
         """:meth:`read_into` for many ``(name, offset, out)`` at once (one hand-over to the
-        S3 loop for all of them): a future of their results, in order."""
+        S3 loop for all of them, each request counted in :data:`REQUESTS`): a future of
+        their results, in order."""
+        loop, limit = _loop()
 
         async def many() -> list[bool]:
-            return await asyncio.gather(*(self._into(*r) for r in reads))
+            return await asyncio.gather(*(_limited(self._into(*r), limit) for r in reads))
 
-        return submit(many())
+        return asyncio.run_coroutine_threadsafe(many(), loop)
 
     def close(self) -> None:
         self._etags.clear()
