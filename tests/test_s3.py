@@ -327,15 +327,43 @@ def test_train_20_steps_from_s3(s3_env, s3_compiled, tmp_path):
     assert len(losses) == 20 and all(np.isfinite(v) for v in losses.values())
 
 
+def _train_recording(project: Path, tmp_path: Path, run: str, *overrides: str) -> list:
+    """Train 3 CPU steps; the store paths each TokenLoader was built with (train first)."""
+    from test_train import _cfg, _train_losses
+
+    import concept.datamodule as dm
+    from concept.train import train
+
+    opened = []
+
+    class Recording(dm.TokenLoader):
+        def __init__(self, paths, *args, **kwargs):
+            opened.append(list(paths))
+            super().__init__(paths, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dm, "TokenLoader", Recording)
+        train(
+            _cfg(
+                project,
+                *overrides,
+                f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
+                "model.training.max_steps=3",
+                "model.training.val_check_interval=1000",
+                "model.training.log_every_n_steps=1",
+                f"wandb.run_name={run}",
+            )
+        )
+    assert sorted(_train_losses(tmp_path / "runs" / run)) == [0, 1, 2]
+    return opened
+
+
 def test_registry_holds_s3_stores_and_training_resolves_them(s3_env, s3_compiled, tmp_path):
     """compile.register=true with an s3:// root: every store is an artifact with its s3://
     URI (stats from one listing, nothing read), a rerun registers nothing new, and
     ``datamodule.collection`` trains from the stores on S3 without any split config."""
     from test_registry import NO_SPLITS
-    from test_train import _cfg, _train_losses
 
-    import concept.datamodule as dm
-    from concept.train import train
     from preprocess.registry import collection_key, lookup_stores, resolve_collections
 
     root, local = s3_compiled
@@ -357,41 +385,23 @@ def test_registry_holds_s3_stores_and_training_resolves_them(s3_env, s3_compiled
     train_key = collection_key("synth_cxg", "hsapiens", "train")
     members = resolve_collections(lamin, root, [train_key])[train_key]
     assert members and all(m["path"] == keys[m["key"]] for m in members)
-    opened = []
-
-    class Recording(dm.TokenLoader):
-        def __init__(self, paths, *args, **kwargs):
-            opened.append(list(paths))
-            super().__init__(paths, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dm, "TokenLoader", Recording)
-        train(
-            _cfg(
-                project,
-                *NO_SPLITS,
-                f"datamodule.collection={train_key}",
-                f"PATH.COMPILED_ROOT={root}",
-                f"PATH.LAMIN_ROOT={lamin}",
-                f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
-                "model.training.max_steps=3",
-                "model.training.val_check_interval=1000",
-                "model.training.log_every_n_steps=1",
-                "wandb.run_name=s3reg",
-            )
-        )
+    opened = _train_recording(
+        project,
+        tmp_path,
+        "s3reg",
+        *NO_SPLITS,
+        f"datamodule.collection={train_key}",
+        f"PATH.COMPILED_ROOT={root}",
+        f"PATH.LAMIN_ROOT={lamin}",
+    )
     assert opened[0] == [m["path"] for m in members]  # the s3:// URIs, in the split's order
-    assert sorted(_train_losses(tmp_path / "runs" / "s3reg")) == [0, 1, 2]
 
 
 def test_local_dir_downloads_s3_stores_once_per_version(s3_env, s3_compiled, tmp_path):
     """PATH.LOCAL_DIR with an s3:// root: the stores are downloaded (the objects, byte for
     byte), a current copy is kept, a store replaced on S3 is downloaded again, and training
     reads the local copies."""
-    from test_train import _cfg, _train_losses
-
     import concept.datamodule as dm
-    from concept.train import train
 
     root, local = s3_compiled
     uris = [objstore.join(root, name) for name in local]
@@ -429,30 +439,11 @@ def test_local_dir_downloads_s3_stores_once_per_version(s3_env, s3_compiled, tmp
         assert json.loads((here / next(iter(local)) / "zarr.json").read_bytes()) == meta
         assert not list(here.rglob(".*.copy-*"))  # no temporary left
 
-    opened = []
-
-    class Recording(dm.TokenLoader):
-        def __init__(self, paths, *args, **kwargs):
-            opened.append(list(paths))
-            super().__init__(paths, *args, **kwargs)
-
     project = next(iter(local.values())).parents[2]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dm, "TokenLoader", Recording)
-        train(
-            _cfg(
-                project,
-                f"PATH.COMPILED_ROOT={root}",
-                f"PATH.LOCAL_DIR={here}",
-                f"PATH.CHECKPOINT_ROOT={tmp_path / 'runs'}",
-                "model.training.max_steps=3",
-                "model.training.val_check_interval=1000",
-                "model.training.log_every_n_steps=1",
-                "wandb.run_name=s3local",
-            )
-        )
+    opened = _train_recording(
+        project, tmp_path, "s3local", f"PATH.COMPILED_ROOT={root}", f"PATH.LOCAL_DIR={here}"
+    )
     assert opened and all(Path(p).is_relative_to(here) for p in opened[0])
-    assert sorted(_train_losses(tmp_path / "runs" / "s3local")) == [0, 1, 2]
 
 
 def test_epoch_survives_a_server_restart(tmp_path, monkeypatch, compiled):
