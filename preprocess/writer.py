@@ -52,6 +52,38 @@ def _plain(array) -> str | None:
     return None
 
 
+_TEMPLATES: dict[tuple, object] = {}  # per process: zarr's metadata, one per kind of array
+
+
+def _metadata(
+    shape: tuple, chunks: tuple, shards: tuple | None, dtype: np.dtype, compressor, attrs
+):
+    """The ``ArrayV3Metadata`` that ``create_array`` gives an array (fill value 0): zarr's
+    own for the first array of a kind (dtype, dimensions, sharding, compressor) in this
+    process, then that one with the shape, chunk grid and attributes replaced.
+    ``tests/test_compile.py`` checks the bytes against zarr's for every kind the compiler
+    writes."""
+    import dataclasses
+
+    import zarr
+    from zarr.core.chunk_grids import RegularChunkGrid
+
+    key = (dtype.str, len(shape), shards is not None and chunks, compressor)
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = _TEMPLATES[key] = zarr.create_array(
+            zarr.storage.MemoryStore(),
+            shape=shape,
+            chunks=chunks,
+            shards=shards,
+            dtype=dtype,
+            compressors=compressors(compressor),
+            fill_value=0,
+        ).metadata
+    grid = RegularChunkGrid(chunk_shape=shards or chunks)
+    return dataclasses.replace(template, shape=shape, chunk_grid=grid, attributes=attrs or {})
+
+
 def _chunks(data: np.ndarray, rows: int) -> tuple[list[np.ndarray], np.ndarray]:
     """``data`` cut into chunks of ``rows`` rows as zarr stores them (the last one padded
     with zeros, the fill value) and which are kept (not all zero: zarr omits those)."""
@@ -173,25 +205,46 @@ class StoreWriter:
         token_dtype: np.dtype,
         value_dtype: np.dtype,
     ):
-        import zarr
+        from zarr.storage import LocalStore
 
         self.settings, self.nnz, self.folder = settings, nnz, Path(tmp)
-        self.comp = compressors(settings["compressor"])
-        self.root = zarr.open_group(tmp, mode="a", zarr_format=3)
+        self.store = LocalStore(self.folder)
+        self._group("", {})
         self.pool = ThreadPoolExecutor(1)
         self.tokens = self._entries(fmt.TOKENS, np.dtype(token_dtype))
         self.values = self._entries(fmt.VALUES, np.dtype(value_dtype))
 
+    def _group(self, name: str, attrs: dict) -> None:
+        """Write group ``name``'s ``zarr.json`` (zarr's bytes)."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.group import GroupMetadata
+
+        meta = GroupMetadata(attributes=attrs).to_buffer_dict(default_buffer_prototype())
+        _write_file(self.folder / name / "zarr.json", [meta["zarr.json"].to_bytes()])
+
+    def _array(self, name: str, shape: tuple, chunks: tuple, shards: tuple | None, dtype, attrs):
+        """Array ``name`` as ``create_array`` makes it: its ``zarr.json`` (and those of
+        missing parent groups) written directly, from the metadata zarr made for the first
+        array of its kind in this process (:func:`_metadata`), without zarr's store round
+        trips (several ms an array: most of a small store's cost)."""
+        import zarr
+        from zarr.core.array import AsyncArray
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.storage._common import StorePath
+
+        meta = _metadata(shape, chunks, shards, np.dtype(dtype), self.settings["compressor"], attrs)
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if not (self.folder.joinpath(*parts[:i]) / "zarr.json").exists():
+                self._group("/".join(parts[:i]), {})
+        data = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        _write_file(self.folder / name / "zarr.json", [data])
+        return zarr.Array(AsyncArray(metadata=meta, store_path=StorePath(self.store, name)))
+
     def _entries(self, name: str, dtype: np.dtype) -> _ShardWriter:
         s = self.settings
-        arr = self.root.create_array(
-            name,
-            shape=(self.nnz,),
-            chunks=(s["chunk_elements"],),
-            shards=(s["shard_elements"],),
-            dtype=dtype,
-            compressors=self.comp,
-            fill_value=0,
+        arr = self._array(
+            name, (self.nnz,), (s["chunk_elements"],), (s["shard_elements"],), dtype, None
         )
         return _ShardWriter(arr, self.folder / name, dtype, self.pool)
 
@@ -217,15 +270,7 @@ class StoreWriter:
         """A whole per-cell array (``indptr``, ``cell/*``, ``obs/<key>``, ``obsm/<key>``,
         ``var_tokens``), in chunks of ``cell_chunk`` rows."""
         rows = max(min(self.settings["cell_chunk"], len(data)), 1)
-        arr = self.root.create_array(
-            name,
-            shape=data.shape,
-            chunks=(rows, *data.shape[1:]),
-            dtype=data.dtype,
-            compressors=self.comp,
-            fill_value=0,
-            attributes=attrs,
-        )
+        arr = self._array(name, data.shape, (rows, *data.shape[1:]), None, data.dtype, attrs)
         if _plain(arr) != "chunks":
             arr[:] = data
             return
@@ -237,4 +282,4 @@ class StoreWriter:
     def finish(self, attrs: dict) -> None:
         """Write the root attributes (the format name and creation time added)."""
         created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        self.root.update_attributes({"format": fmt.FORMAT, "created_at": created, **attrs})
+        self._group("", {"format": fmt.FORMAT, "created_at": created, **attrs})

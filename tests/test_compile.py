@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import config
 
-from concept.store import StoreError, open_store, store_path
+from concept.store import FORMAT, StoreError, open_store, store_path
 from concept.tokenize import tokenize_csr
 from concept.vocab import read_token_mapping
 from preprocess import compile as cli
@@ -441,16 +441,17 @@ def test_tokenize_equals_a_lexsort_per_cell(dtype):
         assert blk.n_genes[i] == np.count_nonzero(dense[row])
 
 
-def test_writer_writes_zarrs_own_bytes(tmp_path):
-    """The writer's direct shard and chunk files equal what zarr writes for the same data:
-    a zero chunk omitted, a zero shard absent, a padded tail, 2-D per-cell arrays,
-    attributes."""
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_writer_writes_zarrs_own_bytes(tmp_path, compressor):
+    """The writer's files equal what zarr writes for the same data, metadata included: a
+    zero chunk omitted, a zero shard absent, a padded tail, 2-D per-cell arrays,
+    attributes (the direct shard and chunk writes, and the metadata from templates)."""
     import zarr
 
-    from preprocess.writer import StoreWriter
+    from preprocess.writer import StoreWriter, compressors
 
     rng = np.random.default_rng(0)
-    s = {"chunk_elements": 256, "shard_elements": 4096, "cell_chunk": 64, "compressor": None}
+    s = {"chunk_elements": 256, "shard_elements": 4096, "cell_chunk": 64, "compressor": compressor}
     n = 3 * 4096 + 100
     values = rng.integers(1, 200, n).astype(np.float16)
     values[256:512] = 0  # one chunk of zeros
@@ -470,7 +471,8 @@ def test_writer_writes_zarrs_own_bytes(tmp_path):
     w.close_entries()
     root = zarr.open_group(theirs, mode="a", zarr_format=3)
     for name, data in (("tokens", tokens), ("values", values)):
-        kw = {"chunks": (256,), "shards": (4096,), "compressors": None, "fill_value": 0}
+        kw = {"chunks": (256,), "shards": (4096,), "fill_value": 0}
+        kw["compressors"] = compressors(compressor)
         root.create_array(name, shape=(n,), dtype=data.dtype, **kw)[:] = data
     for name, data in cells.items():
         attrs = {"categories": ["a", "b"]} if name.startswith("obs/") else None
@@ -480,14 +482,15 @@ def test_writer_writes_zarrs_own_bytes(tmp_path):
             shape=data.shape,
             chunks=(min(64, len(data)), *data.shape[1:]),
             dtype=data.dtype,
-            compressors=None,
+            compressors=compressors(compressor),
             fill_value=0,
         )
         arr[:] = data
         if attrs:
             arr.attrs.update(attrs)
-    w.root.update_attributes({"format": "x", "n_cells": 200})
-    root.attrs.update({"format": "x", "n_cells": 200})
+    w.finish({"n_cells": 200})
+    created = json.loads((mine / "zarr.json").read_text())["attributes"]["created_at"]
+    root.attrs.update({"format": FORMAT, "created_at": created, "n_cells": 200})
     files = sorted(p.relative_to(mine) for p in mine.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
     assert "tokens/c/1" not in map(str, files)  # the zero shard is not written
