@@ -441,10 +441,12 @@ def test_tokenize_equals_a_lexsort_per_cell(dtype):
         assert blk.n_genes[i] == np.count_nonzero(dense[row])
 
 
-def test_writer_writes_zarrs_own_bytes(tmp_path):
-    """The writer's direct shard and chunk files equal what zarr writes for the same data:
-    a zero chunk omitted, a zero shard absent, a padded tail, 2-D per-cell arrays,
-    attributes."""
+@pytest.mark.parametrize("value_dtype", [np.float16, np.uint8])
+def test_writer_writes_zarrs_own_bytes(tmp_path, value_dtype):
+    """The writer's store (it writes every file of an uncompressed store itself, zarr.json
+    included) equals what zarr writes for the same data, file by file: a zero chunk
+    omitted, a zero shard absent, a padded tail, 2-D and empty per-cell arrays, float and
+    one-byte dtypes (zarr drops their endianness), nested groups, attributes."""
     import zarr
 
     from preprocess.writer import StoreWriter
@@ -452,19 +454,22 @@ def test_writer_writes_zarrs_own_bytes(tmp_path):
     rng = np.random.default_rng(0)
     s = {"chunk_elements": 256, "shard_elements": 4096, "cell_chunk": 64, "compressor": None}
     n = 3 * 4096 + 100
-    values = rng.integers(1, 200, n).astype(np.float16)
+    values = rng.integers(1, 200, n).astype(value_dtype)
     values[256:512] = 0  # one chunk of zeros
     values[4096:8192] = 0  # one shard of zeros
     tokens = values.astype(np.uint16)
     cells = {
         "indptr": np.arange(201, dtype=np.int64),
+        "cell/total_counts": rng.random(200).astype(np.float32),
         "obs/tissue": np.r_[np.zeros(70, np.int32), rng.integers(-1, 3, 130).astype(np.int32)],
         "obsm/emb": rng.random((200, 7)).astype(np.float32),
         "var_tokens": np.arange(5, dtype=np.uint16),
+        "obs/empty": np.zeros(0, np.int32),
     }
     mine, theirs = tmp_path / "mine", tmp_path / "zarr"
     mine.mkdir()
-    w = StoreWriter(mine, s, n, np.uint16, np.float16)
+    w = StoreWriter(mine, s, n, np.uint16, value_dtype)
+    assert w.plain and w.root is None  # zarr writes nothing here
     for i in range(0, n, 777):
         w.append(tokens[i : i + 777], values[i : i + 777])
     w.close_entries()
@@ -473,12 +478,12 @@ def test_writer_writes_zarrs_own_bytes(tmp_path):
         kw = {"chunks": (256,), "shards": (4096,), "compressors": None, "fill_value": 0}
         root.create_array(name, shape=(n,), dtype=data.dtype, **kw)[:] = data
     for name, data in cells.items():
-        attrs = {"categories": ["a", "b"]} if name.startswith("obs/") else None
+        attrs = {"categories": ["a", "b\u00e9"]} if name.startswith("obs/") else None
         w.cells(name, data, attrs)
         arr = root.create_array(
             name,
             shape=data.shape,
-            chunks=(min(64, len(data)), *data.shape[1:]),
+            chunks=(max(min(64, len(data)), 1), *data.shape[1:]),
             dtype=data.dtype,
             compressors=None,
             fill_value=0,
@@ -486,10 +491,13 @@ def test_writer_writes_zarrs_own_bytes(tmp_path):
         arr[:] = data
         if attrs:
             arr.attrs.update(attrs)
-    w.root.update_attributes({"format": "x", "n_cells": 200})
-    root.attrs.update({"format": "x", "n_cells": 200})
+    w.finish({"n_cells": 200, "stat": {"size": 1}, "keys": ["a"], "dim": None})
+    written = json.loads((mine / "zarr.json").read_text())["attributes"]
+    assert written["format"] == "concept-token-store" and written["n_cells"] == 200
+    root.update_attributes(written)
     files = sorted(p.relative_to(mine) for p in mine.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
     assert "tokens/c/1" not in map(str, files)  # the zero shard is not written
+    assert len([f for f in files if f.name == "zarr.json"]) == 12  # 8 arrays, the root, 3 groups
     for f in files:
         assert (mine / f).read_bytes() == (theirs / f).read_bytes(), f
