@@ -28,7 +28,7 @@ from concept.h5ad import open_source
 from concept.splits import SplitFile, check_store_names, configured_files
 from concept.store import BYTE_SETTINGS, read_attrs, store_key, store_path
 from concept.vocab import panel_files
-from preprocess.compiler import FileJob, FileReport, compile_file
+from preprocess.compiler import FileJob, FileReport, compile_file, current_stores
 
 log = logging.getLogger("preprocess.compile")
 
@@ -91,31 +91,40 @@ def _total_cells(jobs: list[FileJob]) -> int | None:
 
 
 def run_jobs(jobs: list[FileJob], workers: int) -> list[FileReport]:
-    """Compile jobs, ``workers`` files at a time, with one progress bar over cells."""
-    bar = tqdm(total=_total_cells(jobs), unit="cells", desc="compile", unit_scale=True)
+    """Compile jobs, ``workers`` files at a time, with one progress bar over the cells of
+    the files to compile: current stores are found first, without opening their sources
+    (:func:`preprocess.compiler.current_stores`), and take no worker."""
+    reports = current_stores(jobs)
+    todo = [i for i, r in enumerate(reports) if r is None]
+    skipped = len(jobs) - len(todo)
+    bar = tqdm(
+        total=_total_cells([jobs[i] for i in todo]), unit="cells", desc="compile", unit_scale=True
+    )
+    workers = min(workers, len(todo))
     if workers <= 1:
         progress: queue.Queue = queue.Queue()
-        reports = []
-        for j in jobs:
-            reports.append(compile_file(j, progress))
+        for n, i in enumerate(todo, 1):
+            reports[i] = compile_file(jobs[i], progress)
             while not progress.empty():
                 bar.update(progress.get())
-            bar.set_postfix(files=f"{len(reports)}/{len(jobs)}")
+            bar.set_postfix(files=f"{n}/{len(todo)}", current=skipped)
         bar.close()
         return reports
     # spawn: workers start clean (no inherited h5py/zarr state or event-loop threads)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         progress = manager.Queue()
-        futures = [pool.submit(compile_file, j, progress) for j in jobs]
-        pending = set(futures)
+        futures = {i: pool.submit(compile_file, jobs[i], progress) for i in todo}
+        pending = set(futures.values())
         while pending:
             done, pending = wait(pending, timeout=0.2)
             while not progress.empty():
                 bar.update(progress.get())
-            bar.set_postfix(files=f"{len(futures) - len(pending)}/{len(jobs)}")
+            bar.set_postfix(files=f"{len(todo) - len(pending)}/{len(todo)}", current=skipped)
         bar.close()
-        return [f.result() for f in futures]
+        for i, f in futures.items():
+            reports[i] = f.result()
+        return reports
 
 
 def print_report(reports: list[FileReport]) -> None:

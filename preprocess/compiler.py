@@ -586,6 +586,87 @@ def _check_panel(path: str) -> None:
         _PANELS.add(key)
 
 
+def _report(job: FileJob) -> FileReport:
+    return FileReport(
+        job.source,
+        job.species,
+        job.section,
+        "failed",
+        store=job.out,
+        name=f"{job.source_name}/{job.name}",
+    )
+
+
+def _mapping(path: str) -> TokenMapping:
+    """A token mapping, read once per process (every file of a species names it)."""
+    if path not in _MAPPINGS:
+        _MAPPINGS[path] = read_token_mapping(path)
+    return _MAPPINGS[path]
+
+
+def _skipped(job: FileJob, source, mapping: TokenMapping, report: FileReport) -> bool:
+    """Whether the store of ``job`` is current (:func:`concept.store.stale_reason`, one
+    read of its ``zarr.json``); if so ``report`` says it was skipped."""
+    if job.force:
+        return False
+    try:
+        attrs = fmt.read_attrs(job.out)
+    except fmt.StoreError:
+        return False
+    if fmt.stale_reason(job.out, source, mapping.sha256, job.settings, attrs) is not None:
+        return False
+    report.status, report.n_cells, report.nnz = "skipped", attrs["n_cells"], attrs["nnz"]
+    report.coverage = attrs["n_var_mapped"] / max(attrs["n_var_source"], 1)
+    return True
+
+
+def _leftovers(folders: set[Path]) -> set[Path]:
+    """Stores with something a killed compile left beside them (``.<name>.tmp-<pid>``,
+    ``.<name>.old-<pid>``: :func:`recover`'s to finish), one listing per folder."""
+    found = set()
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            store, _, suffix = name[1:].rpartition(".")
+            if name.startswith(".") and "-" in suffix:
+                found.add(folder / store)
+    return found
+
+
+def current_stores(jobs: list[FileJob]) -> list[FileReport | None]:
+    """The jobs whose stores are current, reported as skipped (None for the others), from
+    one stat of each source and one read of each store's ``zarr.json`` (under the ``fast``
+    fingerprint; :func:`concept.store.stale_reason`).
+
+    Run before the compile so that a run over a corpus of current stores opens no source,
+    starts no worker and takes no lock. Without the lock a store found current may be
+    replaced meanwhile, by a complete store (:func:`replace_store`). Left to
+    :func:`compile_file` (which checks again under the lock): forced jobs, in-memory and
+    ``s3://`` ones, stores a killed compile left something beside, and every job whose
+    source, mapping or panels fail (it reports why).
+    """
+    local = [j for j in jobs if j.adata is None and not objstore.is_uri(j.out)]
+    unfinished = _leftovers({Path(j.out).parent for j in local})
+    reports: list[FileReport | None] = [None] * len(jobs)
+    for i, job in enumerate(jobs):
+        if job.force or job.adata is not None or objstore.is_uri(job.out):
+            continue
+        if Path(job.out) in unfinished:
+            continue
+        report = _report(job)
+        try:
+            for panel in job.panels:
+                _check_panel(panel)
+            if _skipped(job, job.source, _mapping(job.mapping), report):
+                reports[i] = report
+        except Exception:  # compile_file reports it
+            continue
+    return reports
+
+
 def compile_file(job: FileJob, progress=None) -> FileReport:
     """Compile one file (or skip it when its store is current); never raises for bad input.
 
@@ -597,21 +678,12 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         Optional queue receiving the number of cells done after each block.
     """
     t0 = time.perf_counter()
-    report = FileReport(
-        job.source,
-        job.species,
-        job.section,
-        "failed",
-        store=job.out,
-        name=f"{job.source_name}/{job.name}",
-    )
+    report = _report(job)
     remote = objstore.is_uri(job.out)  # built locally next to a stand-in, then published
     out = objstore.staging(job.out) if remote else Path(job.out)
     _reuse_freed_memory()
     try:
-        if job.mapping not in _MAPPINGS:
-            _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
-        mapping = _MAPPINGS[job.mapping]
+        mapping = _mapping(job.mapping)
         if job.adata is None and not Path(job.source).exists():
             raise InputError(f"{job.source}: file not found")
         # an AnnData in memory is fingerprinted by its content (concept.h5ad.AnnDataSource)
@@ -622,17 +694,7 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
             _check_panel(p)  # a malformed panel fails its species' files, loudly
         with store_lock(out):
             recover(out)
-            if (
-                not job.force
-                and fmt.stale_reason(job.out, source, mapping.sha256, job.settings) is None
-            ):
-                attrs = fmt.read_attrs(job.out)
-                report.status, report.n_cells, report.nnz = (
-                    "skipped",
-                    attrs["n_cells"],
-                    attrs["nnz"],
-                )
-                report.coverage = attrs["n_var_mapped"] / max(attrs["n_var_source"], 1)
+            if _skipped(job, source, mapping, report):
                 return report
             # the inputs as they are now, before the build reads them
             inputs = fmt.current_attrs(source, mapping.sha256, job.settings, job.fingerprint)

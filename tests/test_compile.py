@@ -501,3 +501,41 @@ def test_writer_writes_zarrs_own_bytes(tmp_path, value_dtype):
     assert len([f for f in files if f.name == "zarr.json"]) == 12  # 8 arrays, the root, 3 groups
     for f in files:
         assert (mine / f).read_bytes() == (theirs / f).read_bytes(), f
+
+
+def test_current_stores_are_found_by_stat_alone(project_copy, monkeypatch):
+    """A run over current stores opens no source and reads no source byte (a stat each,
+    with the inode and ctime recorded); a chmod (a new ctime) is noticed and rebuilds that
+    file only; a store with a killed compile's leftovers goes through the locked path,
+    which removes them. A file changed under two seconds ago records no identity (a write
+    in the same timestamp tick could leave it unchanged): the fingerprint decides."""
+    from concept import store as fmt
+
+    src = project_copy / H5 / "hs_csr_e.h5ad"
+    os.utime(src)  # changed just now
+    assert "ino" not in fmt.source_stat(src, identity=True)
+    assert "ino" not in fmt.source_stat(src)  # what training checks: size and mtime
+    monkeypatch.setattr(fmt, "_RACY_NS", 0)
+    assert set(fmt.source_stat(src, identity=True)) == {"size", "mtime_ns", "ino", "ctime_ns"}
+    cfg = config(project_copy, "compile.workers=1")  # in this process: _RACY_NS is 0
+    assert cli.run(cfg) == 0
+    stores = _stores(project_copy)
+    leftover = stores["hs_csr_a"].parent / ".hs_csr_a.zarr.tmp-99999999"
+    leftover.mkdir()
+
+    def no_read(*a, **k):
+        raise AssertionError("a current store's source was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "source_fingerprint", no_read)
+        m.setattr(cli, "open_source", no_read)  # the progress bar's size pass
+        reports = cli.current_stores(make_jobs(cfg))
+    current = {Path(r.file).stem for r in reports if r is not None}
+    assert current == set(stores) - {"hs_csr_a"}
+    assert all(r.status == "skipped" and r.n_cells > 0 for r in reports if r is not None)
+    src.chmod(0o644 if src.stat().st_mode & 0o777 != 0o644 else 0o640)
+    assert cli.run(cfg) == 0
+    report = json.loads((project_copy / "compiled/compile_report.json").read_text())
+    status = {Path(f["file"]).stem: f["status"] for f in report["files"]}
+    assert status.pop("hs_csr_e") == "compiled" and set(status.values()) == {"skipped"}
+    assert not leftover.exists()
