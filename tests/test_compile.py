@@ -539,3 +539,33 @@ def test_current_stores_are_found_by_stat_alone(project_copy, monkeypatch):
     status = {Path(f["file"]).stem: f["status"] for f in report["files"]}
     assert status.pop("hs_csr_e") == "compiled" and set(status.values()) == {"skipped"}
     assert not leftover.exists()
+
+
+def test_stores_put_in_place_behind_the_next_build(project_copy, monkeypatch):
+    """compile_files swaps each store in on its own thread while the next file is built:
+    every store ends in place; a swap that fails (a full disk) fails its file alone, with
+    its temporary folder removed and its lock released (the next run compiles it)."""
+    import errno
+
+    from preprocess import compiler
+
+    jobs = make_jobs(config(project_copy, "compile.workers=1"))
+    replace = compiler.replace_store
+
+    def full_disk_for_csr_e(tmp, out, flushed=False):
+        assert flushed  # the batch was flushed before the swaps
+        if out.name == "hs_csr_e.zarr":
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        replace(tmp, out, flushed)
+
+    monkeypatch.setattr(compiler, "replace_store", full_disk_for_csr_e)
+    reports = {Path(r.file).stem: r for r in compiler.compile_files(jobs)}
+    failed = reports.pop("hs_csr_e")
+    assert failed.status == "failed" and "no space left on device" in failed.error
+    assert {r.status for r in reports.values()} == {"compiled"}
+    assert set(_stores(project_copy)) == set(reports)
+    assert all(r.seconds > 0 and r.n_cells > 0 for r in reports.values())
+    assert not list((project_copy / "compiled/synth_cxg").glob(".*.tmp-*"))
+    monkeypatch.setattr(compiler, "replace_store", replace)
+    again = {Path(r.file).stem: r.status for r in compiler.compile_files(jobs)}
+    assert again.pop("hs_csr_e") == "compiled" and set(again.values()) == {"skipped"}
