@@ -14,7 +14,10 @@ path ~6.5 ns per byte. A compressed store goes through zarr.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import mmap
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,6 +128,54 @@ def _write_file(path: Path, buffers: list) -> None:
             fh.write(b)
 
 
+_ALIGN = 4096  # O_DIRECT: the buffer's address, the file offset and the length
+_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+_SLOTS: dict[int, mmap.mmap] = {}  # the shard writers' buffers, kept for the next store
+
+
+def _aligned_empty(slot: int, n: int, dtype: np.dtype) -> np.ndarray:
+    """``n`` items of ``dtype`` in page-aligned memory (an anonymous mapping): buffer
+    ``slot`` of this process, reused by the next store while large enough (fresh pages
+    cost more than the bytes written from them; stores are written one at a time)."""
+    dtype = np.dtype(dtype)
+    nbytes = max(n * dtype.itemsize, 1)
+    if slot not in _SLOTS or len(_SLOTS[slot]) < nbytes:
+        _SLOTS[slot] = mmap.mmap(-1, nbytes)
+    return np.frombuffer(_SLOTS[slot], dtype, count=n)
+
+
+def _write_shard(path: Path, buffers: list) -> None:
+    """A shard file of :func:`_shard_buffers`: its leading whole pages written with
+    ``O_DIRECT`` where the first buffer starts page-aligned (the shard writer's buffers
+    do), the rest through the page cache. Writing a store through the page cache cost
+    ~2.7 ns per byte of kernel time on the development VM (fresh pages) and as much again
+    to flush it; ``O_DIRECT`` 0.1. Where the filesystem refuses ``O_DIRECT`` (tmpfs), all
+    of it goes through the page cache. The store is flushed (fsync) before it is swapped
+    in either way."""
+    head = buffers[0]
+    n = len(head) // _ALIGN * _ALIGN
+    if not (_DIRECT and n and np.frombuffer(head, np.uint8).ctypes.data % _ALIGN == 0):
+        return _write_file(path, buffers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _DIRECT, 0o666)
+        try:
+            done = 0
+            while done < n:
+                done += os.write(fd, head[done:n])
+        finally:
+            os.close(fd)
+    except OSError as e:  # EINVAL: the filesystem (or its block size) refuses O_DIRECT
+        if e.errno != errno.EINVAL:
+            raise
+        return _write_file(path, buffers)
+    with open(path, "ab") as fh:
+        for b in [head[n:], *buffers[1:]]:
+            fh.write(b)
+
+
 def _write_json(path: Path, meta: dict) -> None:
     _write_file(path, [json.dumps(meta, indent=_JSON_INDENT, allow_nan=True).encode()])
 
@@ -138,10 +189,12 @@ class _ShardWriter:
     :func:`_shard_buffers` for a plain store, zarr's ``__setitem__`` for a compressed one.
     """
 
-    def __init__(self, write, shard: int, n: int, dtype: np.dtype, pool: ThreadPoolExecutor):
+    def __init__(
+        self, write, shard: int, n: int, dtype: np.dtype, pool: ThreadPoolExecutor, slot: int
+    ):
         self.write, self.pool = write, pool
         size = min(shard, max(n, 1))
-        self.buffers = [np.empty(size, dtype) for _ in range(3)]
+        self.buffers = [_aligned_empty(slot + k, size, dtype) for k in range(3)]
         self.pos, self.fill, self.current, self.writes = 0, 0, 0, []
 
     def _flush(self) -> None:
@@ -207,8 +260,8 @@ class StoreWriter:
             self.root = zarr.open_group(tmp, mode="a", zarr_format=3)
         self.groups: set[str] = set()
         self.pool = ThreadPoolExecutor(1)
-        self.tokens = self._entries(fmt.TOKENS, np.dtype(token_dtype))
-        self.values = self._entries(fmt.VALUES, np.dtype(value_dtype))
+        self.tokens = self._entries(fmt.TOKENS, np.dtype(token_dtype), slot=0)
+        self.values = self._entries(fmt.VALUES, np.dtype(value_dtype), slot=3)
 
     def _parents(self, name: str) -> None:
         """The ``zarr.json`` of the groups above array ``name`` (as zarr makes them)."""
@@ -219,7 +272,7 @@ class StoreWriter:
                 _write_json(self.folder / group / "zarr.json", _group_meta({}))
                 self.groups.add(group)
 
-    def _entries(self, name: str, dtype: np.dtype) -> _ShardWriter:
+    def _entries(self, name: str, dtype: np.dtype, slot: int) -> _ShardWriter:
         s = self.settings
         shard, chunk = s["shard_elements"], s["chunk_elements"]
         if self.plain:
@@ -229,7 +282,7 @@ class StoreWriter:
 
             def write(start: int, data: np.ndarray) -> None:
                 if buffers := _shard_buffers(data, shard, chunk):
-                    _write_file(self.folder / name / _chunk_key((start // shard,)), buffers)
+                    _write_shard(self.folder / name / _chunk_key((start // shard,)), buffers)
 
         else:
             arr = self.root.create_array(
@@ -245,7 +298,7 @@ class StoreWriter:
             def write(start: int, data: np.ndarray) -> None:
                 arr[start : start + len(data)] = data
 
-        return _ShardWriter(write, shard, self.nnz, dtype, self.pool)
+        return _ShardWriter(write, shard, self.nnz, dtype, self.pool, slot)
 
     def append(self, tokens: np.ndarray, values: np.ndarray) -> None:
         """The next entries, in stored order."""

@@ -441,15 +441,36 @@ def test_tokenize_equals_a_lexsort_per_cell(dtype):
         assert blk.n_genes[i] == np.count_nonzero(dense[row])
 
 
+@pytest.mark.parametrize("io", ["direct", "page cache", "direct refused"])
 @pytest.mark.parametrize("value_dtype", [np.float16, np.uint8])
-def test_writer_writes_zarrs_own_bytes(tmp_path, value_dtype):
+def test_writer_writes_zarrs_own_bytes(tmp_path, value_dtype, io, monkeypatch):
     """The writer's store (it writes every file of an uncompressed store itself, zarr.json
     included) equals what zarr writes for the same data, file by file: a zero chunk
     omitted, a zero shard absent, a padded tail, 2-D and empty per-cell arrays, float and
-    one-byte dtypes (zarr drops their endianness), nested groups, attributes."""
+    one-byte dtypes (zarr drops their endianness), nested groups, attributes; with the
+    shards' whole pages written with O_DIRECT, through the page cache, and where the
+    filesystem refuses O_DIRECT (EINVAL: written through the page cache)."""
+    import errno
+
     import zarr
 
+    from preprocess import writer
     from preprocess.writer import StoreWriter
+
+    opened = []
+    if io == "page cache":
+        monkeypatch.setattr(writer, "_DIRECT", 0)
+    else:
+        real_open = os.open
+
+        def tracked_open(path, flags, *a):
+            if flags & writer._DIRECT:
+                opened.append(path)
+                if io == "direct refused":
+                    raise OSError(errno.EINVAL, "Invalid argument", str(path))
+            return real_open(path, flags, *a)
+
+        monkeypatch.setattr(writer.os, "open", tracked_open)
 
     rng = np.random.default_rng(0)
     s = {"chunk_elements": 256, "shard_elements": 4096, "cell_chunk": 64, "compressor": None}
@@ -501,6 +522,9 @@ def test_writer_writes_zarrs_own_bytes(tmp_path, value_dtype):
     assert len([f for f in files if f.name == "zarr.json"]) == 12  # 8 arrays, the root, 3 groups
     for f in files:
         assert (mine / f).read_bytes() == (theirs / f).read_bytes(), f
+    assert sorted(Path(p).relative_to(mine).as_posix() for p in opened) == (
+        [] if io == "page cache" else ["tokens/c/2", "values/c/2"]
+    )  # the full shard without a zero chunk (the last is shorter than a page)
 
 
 def test_current_stores_are_found_by_stat_alone(project_copy, monkeypatch):
