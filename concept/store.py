@@ -28,6 +28,7 @@ import os
 import resource
 import sys
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -91,6 +92,7 @@ BYTE_SETTINGS = (
 FINGERPRINTS = ("fast", "full")
 _MIB = 1 << 20
 _SAMPLES, _SAMPLE_BYTES = 64, 64 << 10  # strided samples of the fast fingerprint
+_RACY_NS = 2_000_000_000  # a file changed this recently may change within its ctime's tick
 
 
 class StoreError(ValueError):
@@ -180,12 +182,14 @@ def source_fingerprint(path: str | Path, mode: str = "fast") -> str:
     return f"{mode}:{h.hexdigest()}"
 
 
-def source_stat(path: str | Path) -> dict:
+def source_stat(path: str | Path, identity: bool = False) -> dict:
     """Size and mtime of a source: the check training can afford (no bytes read).
 
     For an AnnData ``.zarr`` folder: the total size and the newest mtime of its files (a
     folder's own mtime does not change when a chunk inside it is rewritten). An in-memory
-    source gives its own (:meth:`concept.h5ad.AnnDataSource.stat`).
+    source gives its own (:meth:`concept.h5ad.AnnDataSource.stat`). With ``identity``, a
+    file's inode and ctime too, unless its ctime is under ``_RACY_NS`` old: a write in
+    the same timestamp tick could then leave all four as they are (:func:`stale_reason`).
     """
     if hasattr(path, "fingerprint"):
         return path.stat()
@@ -197,7 +201,10 @@ def source_stat(path: str | Path) -> dict:
             "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
         }
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    out = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if identity and time.time_ns() - st.st_ctime_ns >= _RACY_NS:
+        out |= {"ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+    return out
 
 
 def _tree_fingerprint(path: Path) -> str:
@@ -224,9 +231,10 @@ def current_attrs(source: str | Path, vocab_sha256: str, settings: dict, mode: s
     return {
         "format_version": FORMAT_VERSION,
         "compiler_version": COMPILER_VERSION,
-        # fingerprint before stat: a change in between makes compile, not training, see it
+        # fingerprint before stat: a change in between makes compile, not training, see
+        # it; the stat (with the file's identity) is taken before the build reads a byte
         "source_fingerprint": source_fingerprint(source, mode),
-        "source_stat": source_stat(source),
+        "source_stat": source_stat(source, identity=True),
         "vocab_sha256": vocab_sha256,
         "settings": {k: settings[k] for k in BYTE_SETTINGS},
     }
@@ -262,24 +270,36 @@ def _version_and_vocab(path, attrs: dict, vocab_sha256: str | None) -> str | Non
 
 
 def stale_reason(
-    path: str | Path, source: str | Path, vocab_sha256: str, settings: dict
+    path: str | Path,
+    source: str | Path,
+    vocab_sha256: str,
+    settings: dict,
+    attrs: dict | None = None,
 ) -> str | None:
     """Why the store at ``path`` is missing or out of date for a compile (None when current).
 
     A store is current when the compiler version, the vocabulary, every byte setting and
     the source's fingerprint match. The fingerprint is taken in the mode the store
     recorded, so a change of ``compile.fingerprint`` alone rebuilds nothing. Only inputs
-    that change the store's bytes count.
+    that change the store's bytes count. Under the ``fast`` fingerprint a file whose size,
+    mtime, inode and ctime are those recorded before the build read it is current
+    without a byte read: every write changes the ctime, which the fingerprint hashes.
+    ``attrs``: the store's root attributes, when read already.
     """
-    try:
-        attrs = read_attrs(path)
-    except StoreError as e:
-        return str(e)
+    if attrs is None:
+        try:
+            attrs = read_attrs(path)
+        except StoreError as e:
+            return str(e)
     if reason := _version_and_vocab(path, attrs, vocab_sha256):
         return reason
     if changed := changed_settings(attrs, settings):
         return f"{path}: compile.{changed[0]} differs from the store's"
-    if attrs.get("source_fingerprint") != source_fingerprint(source, fingerprint_mode(attrs)):
+    mode = fingerprint_mode(attrs)
+    recorded = attrs.get("source_stat", {})
+    if mode == "fast" and "ino" in recorded and source_stat(source, identity=True) == recorded:
+        return None
+    if attrs.get("source_fingerprint") != source_fingerprint(source, mode):
         return f"{path}: the source {source} changed since it was compiled"
     return None
 

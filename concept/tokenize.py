@@ -313,6 +313,8 @@ def drop_duplicate_columns(col_tokens: np.ndarray) -> int:
     one Ensembl gene) become -1. Returns how many were dropped."""
     mapped = np.flatnonzero(col_tokens >= 0)
     _, first = np.unique(col_tokens[mapped], return_index=True)
-    dup = np.setdiff1d(mapped, mapped[first])
+    first_of_token = np.zeros(len(col_tokens), bool)
+    first_of_token[mapped[first]] = True
+    dup = mapped[~first_of_token[mapped]]
     col_tokens[dup] = -1
     return len(dup)

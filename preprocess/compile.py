@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import queue
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -28,9 +27,10 @@ from concept.h5ad import open_source
 from concept.splits import SplitFile, check_store_names, configured_files
 from concept.store import BYTE_SETTINGS, read_attrs, store_key, store_path
 from concept.vocab import panel_files
-from preprocess.compiler import FileJob, FileReport, compile_file
+from preprocess.compiler import FileJob, FileReport, compile_files, current_stores
 
 log = logging.getLogger("preprocess.compile")
+BATCH_FILES = 16  # files per task of a worker pool at most
 
 
 def make_jobs(cfg: Config, in_memory: dict[Path, Any] | None = None) -> list[FileJob]:
@@ -91,31 +91,56 @@ def _total_cells(jobs: list[FileJob]) -> int | None:
 
 
 def run_jobs(jobs: list[FileJob], workers: int) -> list[FileReport]:
-    """Compile jobs, ``workers`` files at a time, with one progress bar over cells."""
-    bar = tqdm(total=_total_cells(jobs), unit="cells", desc="compile", unit_scale=True)
+    """Compile jobs, ``workers`` files at a time, with one progress bar over the cells of
+    the files to compile: current stores are found first, without opening their sources
+    (:func:`preprocess.compiler.current_stores`), and take no worker."""
+    reports = current_stores(jobs)
+    todo = [i for i, r in enumerate(reports) if r is None]
+    skipped = len(jobs) - len(todo)
+    bar = tqdm(
+        total=_total_cells([jobs[i] for i in todo]), unit="cells", desc="compile", unit_scale=True
+    )
+    bar.set_postfix(current=skipped)
+    workers = min(workers, len(todo))
     if workers <= 1:
-        progress: queue.Queue = queue.Queue()
-        reports = []
-        for j in jobs:
-            reports.append(compile_file(j, progress))
-            while not progress.empty():
-                bar.update(progress.get())
-            bar.set_postfix(files=f"{len(reports)}/{len(jobs)}")
+        for i, report in zip(todo, compile_files([jobs[i] for i in todo], _Bar(bar)), strict=True):
+            reports[i] = report
         bar.close()
         return reports
+    # a few files per task, so that a worker builds one while it puts the last in place
+    # (preprocess.compiler.compile_files), with enough tasks to balance the workers
+    size = max(1, min(BATCH_FILES, len(todo) // (4 * workers)))
+    batches = [todo[k : k + size] for k in range(0, len(todo), size)]
     # spawn: workers start clean (no inherited h5py/zarr state or event-loop threads)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         progress = manager.Queue()
-        futures = [pool.submit(compile_file, j, progress) for j in jobs]
-        pending = set(futures)
+        futures = {
+            pool.submit(compile_files, [jobs[i] for i in batch], progress): batch
+            for batch in batches
+        }
+        pending, done_files = set(futures), 0
         while pending:
             done, pending = wait(pending, timeout=0.2)
             while not progress.empty():
                 bar.update(progress.get())
-            bar.set_postfix(files=f"{len(futures) - len(pending)}/{len(jobs)}")
+            done_files += sum(len(futures[f]) for f in done)
+            bar.set_postfix(files=f"{done_files}/{len(todo)}", current=skipped)
         bar.close()
-        return [f.result() for f in futures]
+        for f, batch in futures.items():
+            for i, report in zip(batch, f.result(), strict=True):
+                reports[i] = report
+        return reports
+
+
+class _Bar:
+    """The progress queue of a compile in this process: cells go straight to the bar."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def put(self, cells: int) -> None:
+        self.bar.update(cells)
 
 
 def print_report(reports: list[FileReport]) -> None:

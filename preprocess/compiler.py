@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,17 +472,18 @@ def _fsync_file(path: str) -> None:
 _FSYNC_POOL: ThreadPoolExecutor | None = None
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` to disk. The flushes run from
+def _fsync_tree(*roots: Path) -> None:
+    """Flush every file and directory under ``roots`` to disk. The flushes run from
     several threads at once, so that the filesystem commits them together (a store has
     a few dozen files: one after the other, each waits for its own journal commit)."""
     global _FSYNC_POOL
     if _FSYNC_POOL is None:
         _FSYNC_POOL = ThreadPoolExecutor(8, thread_name_prefix="fsync")
     files, folders = [], []
-    for dirpath, _, names in os.walk(root):
-        folders.append(Path(dirpath))
-        files += [os.path.join(dirpath, name) for name in names]
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            folders.append(Path(dirpath))
+            files += [os.path.join(dirpath, name) for name in names]
     list(_FSYNC_POOL.map(_fsync_file, files))
     list(_FSYNC_POOL.map(_fsync_dir, folders))
 
@@ -527,16 +528,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def replace_store(tmp: Path, out: Path) -> None:
+def replace_store(tmp: Path, out: Path, flushed: bool = False) -> None:
     """Put the complete store ``tmp`` in place as ``out``, durably.
 
-    The new store is flushed to disk first. An existing store is then swapped with it in
+    The new store is flushed to disk first (unless ``flushed``: the caller did). An existing store is then swapped with it in
     one atomic exchange, so ``out`` always names a complete store; where the filesystem
     cannot exchange, the old store is moved aside to ``.<name>.old-<pid>`` first and
     :func:`recover` puts it back if the process dies before the new one is in place.
     The old store is removed last.
     """
-    _fsync_tree(tmp)
+    if not flushed:
+        _fsync_tree(tmp)
     old = tmp
     if not out.exists():
         os.rename(tmp, out)
@@ -586,6 +588,159 @@ def _check_panel(path: str) -> None:
         _PANELS.add(key)
 
 
+def _report(job: FileJob) -> FileReport:
+    return FileReport(
+        job.source,
+        job.species,
+        job.section,
+        "failed",
+        store=job.out,
+        name=f"{job.source_name}/{job.name}",
+    )
+
+
+def _mapping(path: str) -> TokenMapping:
+    """A token mapping, read once per process (every file of a species names it)."""
+    if path not in _MAPPINGS:
+        _MAPPINGS[path] = read_token_mapping(path)
+    return _MAPPINGS[path]
+
+
+def _skipped(job: FileJob, source, mapping: TokenMapping, report: FileReport) -> bool:
+    """Whether the store of ``job`` is current (:func:`concept.store.stale_reason`, one
+    read of its ``zarr.json``); if so ``report`` says it was skipped."""
+    if job.force:
+        return False
+    try:
+        attrs = fmt.read_attrs(job.out)
+    except fmt.StoreError:
+        return False
+    if fmt.stale_reason(job.out, source, mapping.sha256, job.settings, attrs) is not None:
+        return False
+    report.status, report.n_cells, report.nnz = "skipped", attrs["n_cells"], attrs["nnz"]
+    report.coverage = attrs["n_var_mapped"] / max(attrs["n_var_source"], 1)
+    return True
+
+
+def _leftovers(folders: set[Path]) -> set[Path]:
+    """Stores with something a killed compile left beside them (``.<name>.tmp-<pid>``,
+    ``.<name>.old-<pid>``: :func:`recover`'s to finish), one listing per folder."""
+    found = set()
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            store, _, suffix = name[1:].rpartition(".")
+            if name.startswith(".") and "-" in suffix:
+                found.add(folder / store)
+    return found
+
+
+def current_stores(jobs: list[FileJob]) -> list[FileReport | None]:
+    """The jobs whose stores are current, reported as skipped (None for the others), from
+    one stat of each source and one read of each store's ``zarr.json`` (under the ``fast``
+    fingerprint; :func:`concept.store.stale_reason`).
+
+    Run before the compile so that a run over a corpus of current stores opens no source,
+    starts no worker and takes no lock. Without the lock a store found current may be
+    replaced meanwhile, by a complete store (:func:`replace_store`). Left to
+    :func:`compile_file` (which checks again under the lock): forced jobs, in-memory and
+    ``s3://`` ones, stores a killed compile left something beside, and every job whose
+    source, mapping or panels fail (it reports why).
+    """
+    local = [j for j in jobs if j.adata is None and not objstore.is_uri(j.out)]
+    unfinished = _leftovers({Path(j.out).parent for j in local})
+    reports: list[FileReport | None] = [None] * len(jobs)
+    for i, job in enumerate(jobs):
+        if job.force or job.adata is not None or objstore.is_uri(job.out):
+            continue
+        if Path(job.out) in unfinished:
+            continue
+        report = _report(job)
+        try:
+            for panel in job.panels:
+                _check_panel(panel)
+            if _skipped(job, job.source, _mapping(job.mapping), report):
+                reports[i] = report
+        except Exception:  # compile_file reports it
+            continue
+    return reports
+
+
+def _failure(e: Exception, job: FileJob) -> str:
+    """The report's one line for an error while compiling ``job``."""
+    if isinstance(e, InputError):
+        return str(e)  # InputErrors name their file (the h5ad, a mapping, a panel)
+    if isinstance(e, OSError):
+        return _os_error(e, job)
+    return f"{job.source}: {type(e).__name__}: {e}"
+
+
+def _finish_report(report: FileReport, t0: float) -> None:
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class _Built:
+    """A store built under its temporary name, its lock held, waiting to be put in place."""
+
+    job: FileJob
+    tmp: Path
+    out: Path
+    lock: ExitStack  # closing it releases the store's lock
+    report: FileReport
+    t0: float
+
+
+class _Finisher:
+    """Puts built stores in place (:func:`replace_store`) on a thread of its own, while the
+    caller builds the next file: the flushes of a small store cost about as much as
+    building it. Stores that are waiting when the thread takes the next are flushed
+    together (their fsyncs share the filesystem's journal commits), then swapped in one
+    by one; each lock is released after its swap. At most ``depth`` stores wait; a kill
+    loses only those (their temporary folders are :func:`recover`'s to remove)."""
+
+    def __init__(self, depth: int = 16):
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.thread = threading.Thread(target=self._run, name="finisher", daemon=True)
+        self.thread.start()
+
+    def submit(self, built: _Built) -> None:
+        self.queue.put(built)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get())
+            stores = [b for b in batch if b is not None]
+            try:
+                _fsync_tree(*(b.tmp for b in stores))
+                flushed = True
+            except Exception:  # flushed one by one below: the error goes to its own store
+                flushed = False
+            for b in stores:
+                try:
+                    replace_store(b.tmp, b.out, flushed=flushed)
+                    b.report.status = "compiled"
+                except Exception as e:
+                    b.report.error = _failure(e, b.job)
+                finally:
+                    shutil.rmtree(b.tmp, ignore_errors=True)
+                    b.lock.close()
+                    _finish_report(b.report, b.t0)
+            if len(stores) < len(batch):
+                return
+
+    def close(self) -> None:
+        """Wait until every submitted store is in place (or failed)."""
+        self.queue.put(None)
+        self.thread.join()
+
+
 def compile_file(job: FileJob, progress=None) -> FileReport:
     """Compile one file (or skip it when its store is current); never raises for bad input.
 
@@ -596,22 +751,31 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
     progress
         Optional queue receiving the number of cells done after each block.
     """
+    return compile_files([job], progress)[0]
+
+
+def compile_files(jobs: list[FileJob], progress=None) -> list[FileReport]:
+    """Compile files one after the other in this process (:func:`compile_file`), each
+    store put in place on a thread of its own while the next file is built
+    (:class:`_Finisher`); returns when every store is in place."""
+    finisher = _Finisher()
+    try:
+        return [_compile(job, progress, finisher) for job in jobs]
+    finally:
+        finisher.close()
+
+
+def _compile(job: FileJob, progress, finisher: _Finisher) -> FileReport:
+    """:func:`compile_file` of one job; a local store built is handed to ``finisher``
+    (the report says "compiled" once it is in place)."""
     t0 = time.perf_counter()
-    report = FileReport(
-        job.source,
-        job.species,
-        job.section,
-        "failed",
-        store=job.out,
-        name=f"{job.source_name}/{job.name}",
-    )
+    report = _report(job)
     remote = objstore.is_uri(job.out)  # built locally next to a stand-in, then published
     out = objstore.staging(job.out) if remote else Path(job.out)
     _reuse_freed_memory()
+    lock, handed = ExitStack(), False
     try:
-        if job.mapping not in _MAPPINGS:
-            _MAPPINGS[job.mapping] = read_token_mapping(job.mapping)
-        mapping = _MAPPINGS[job.mapping]
+        mapping = _mapping(job.mapping)
         if job.adata is None and not Path(job.source).exists():
             raise InputError(f"{job.source}: file not found")
         # an AnnData in memory is fingerprinted by its content (concept.h5ad.AnnDataSource)
@@ -620,39 +784,30 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
         )
         for p in job.panels:
             _check_panel(p)  # a malformed panel fails its species' files, loudly
-        with store_lock(out):
-            recover(out)
-            if (
-                not job.force
-                and fmt.stale_reason(job.out, source, mapping.sha256, job.settings) is None
-            ):
-                attrs = fmt.read_attrs(job.out)
-                report.status, report.n_cells, report.nnz = (
-                    "skipped",
-                    attrs["n_cells"],
-                    attrs["nnz"],
-                )
-                report.coverage = attrs["n_var_mapped"] / max(attrs["n_var_source"], 1)
-                return report
-            # the inputs as they are now, before the build reads them
-            inputs = fmt.current_attrs(source, mapping.sha256, job.settings, job.fingerprint)
-            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-            try:
-                _build(job, mapping, tmp, inputs, report, progress)
-                if remote:
-                    objstore.publish(tmp, job.out)
-                else:
-                    replace_store(tmp, out)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        report.status = "compiled"
-    except InputError as e:
-        report.error = str(e)  # InputErrors name their file (the h5ad, a mapping, a panel)
-    except OSError as e:
-        report.error = _os_error(e, job)
-    except Exception as e:  # an unexpected failure of one file must not stop the others
-        report.error = f"{job.source}: {type(e).__name__}: {e}"
+        lock.enter_context(store_lock(out))
+        recover(out)
+        if _skipped(job, source, mapping, report):
+            return report
+        # the inputs as they are now, before the build reads them
+        inputs = fmt.current_attrs(source, mapping.sha256, job.settings, job.fingerprint)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        try:
+            _build(job, mapping, tmp, inputs, report, progress)
+            if remote:
+                objstore.publish(tmp, job.out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if remote:
+            shutil.rmtree(tmp, ignore_errors=True)
+            report.status = "compiled"
+        else:
+            finisher.submit(_Built(job, tmp, out, lock.pop_all(), report, t0))
+            handed = True
+    except Exception as e:  # a failure of one file must not stop the others
+        report.error = _failure(e, job)
     finally:
-        report.seconds = time.perf_counter() - t0
-        report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        lock.close()  # unless handed to the finisher, which releases it
+        if not handed:
+            _finish_report(report, t0)
     return report

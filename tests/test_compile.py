@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import config
 
-from concept.store import FORMAT, StoreError, open_store, store_path
+from concept.store import StoreError, open_store, store_path
 from concept.tokenize import tokenize_csr
 from concept.vocab import read_token_mapping
 from preprocess import compile as cli
@@ -441,58 +441,155 @@ def test_tokenize_equals_a_lexsort_per_cell(dtype):
         assert blk.n_genes[i] == np.count_nonzero(dense[row])
 
 
-@pytest.mark.parametrize("compressor", [None, "zstd"])
-def test_writer_writes_zarrs_own_bytes(tmp_path, compressor):
-    """The writer's files equal what zarr writes for the same data, metadata included: a
-    zero chunk omitted, a zero shard absent, a padded tail, 2-D per-cell arrays,
-    attributes (the direct shard and chunk writes, and the metadata from templates)."""
+@pytest.mark.parametrize("io", ["direct", "page cache", "direct refused"])
+@pytest.mark.parametrize("value_dtype", [np.float16, np.uint8])
+def test_writer_writes_zarrs_own_bytes(tmp_path, value_dtype, io, monkeypatch):
+    """The writer's store (it writes every file of an uncompressed store itself, zarr.json
+    included) equals what zarr writes for the same data, file by file: a zero chunk
+    omitted, a zero shard absent, a padded tail, 2-D and empty per-cell arrays, float and
+    one-byte dtypes (zarr drops their endianness), nested groups, attributes; with the
+    shards' whole pages written with O_DIRECT, through the page cache, and where the
+    filesystem refuses O_DIRECT (EINVAL: written through the page cache)."""
+    import errno
+
     import zarr
 
-    from preprocess.writer import StoreWriter, compressors
+    from preprocess import writer
+    from preprocess.writer import StoreWriter
+
+    opened = []
+    if io == "page cache":
+        monkeypatch.setattr(writer, "_DIRECT", 0)
+    else:
+        real_open = os.open
+
+        def tracked_open(path, flags, *a):
+            if flags & writer._DIRECT:
+                opened.append(path)
+                if io == "direct refused":
+                    raise OSError(errno.EINVAL, "Invalid argument", str(path))
+            return real_open(path, flags, *a)
+
+        monkeypatch.setattr(writer.os, "open", tracked_open)
 
     rng = np.random.default_rng(0)
-    s = {"chunk_elements": 256, "shard_elements": 4096, "cell_chunk": 64, "compressor": compressor}
+    s = {"chunk_elements": 256, "shard_elements": 4096, "cell_chunk": 64, "compressor": None}
     n = 3 * 4096 + 100
-    values = rng.integers(1, 200, n).astype(np.float16)
+    values = rng.integers(1, 200, n).astype(value_dtype)
     values[256:512] = 0  # one chunk of zeros
     values[4096:8192] = 0  # one shard of zeros
     tokens = values.astype(np.uint16)
     cells = {
         "indptr": np.arange(201, dtype=np.int64),
+        "cell/total_counts": rng.random(200).astype(np.float32),
         "obs/tissue": np.r_[np.zeros(70, np.int32), rng.integers(-1, 3, 130).astype(np.int32)],
         "obsm/emb": rng.random((200, 7)).astype(np.float32),
         "var_tokens": np.arange(5, dtype=np.uint16),
+        "obs/empty": np.zeros(0, np.int32),
     }
     mine, theirs = tmp_path / "mine", tmp_path / "zarr"
     mine.mkdir()
-    w = StoreWriter(mine, s, n, np.uint16, np.float16)
+    w = StoreWriter(mine, s, n, np.uint16, value_dtype)
+    assert w.plain and w.root is None  # zarr writes nothing here
     for i in range(0, n, 777):
         w.append(tokens[i : i + 777], values[i : i + 777])
     w.close_entries()
     root = zarr.open_group(theirs, mode="a", zarr_format=3)
     for name, data in (("tokens", tokens), ("values", values)):
-        kw = {"chunks": (256,), "shards": (4096,), "fill_value": 0}
-        kw["compressors"] = compressors(compressor)
+        kw = {"chunks": (256,), "shards": (4096,), "compressors": None, "fill_value": 0}
         root.create_array(name, shape=(n,), dtype=data.dtype, **kw)[:] = data
     for name, data in cells.items():
-        attrs = {"categories": ["a", "b"]} if name.startswith("obs/") else None
+        attrs = {"categories": ["a", "b\u00e9"]} if name.startswith("obs/") else None
         w.cells(name, data, attrs)
         arr = root.create_array(
             name,
             shape=data.shape,
-            chunks=(min(64, len(data)), *data.shape[1:]),
+            chunks=(max(min(64, len(data)), 1), *data.shape[1:]),
             dtype=data.dtype,
-            compressors=compressors(compressor),
+            compressors=None,
             fill_value=0,
         )
         arr[:] = data
         if attrs:
             arr.attrs.update(attrs)
-    w.finish({"n_cells": 200})
-    created = json.loads((mine / "zarr.json").read_text())["attributes"]["created_at"]
-    root.attrs.update({"format": FORMAT, "created_at": created, "n_cells": 200})
+    w.finish({"n_cells": 200, "stat": {"size": 1}, "keys": ["a"], "dim": None})
+    written = json.loads((mine / "zarr.json").read_text())["attributes"]
+    assert written["format"] == "concept-token-store" and written["n_cells"] == 200
+    root.update_attributes(written)
     files = sorted(p.relative_to(mine) for p in mine.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
     assert "tokens/c/1" not in map(str, files)  # the zero shard is not written
+    assert len([f for f in files if f.name == "zarr.json"]) == 12  # 8 arrays, the root, 3 groups
     for f in files:
         assert (mine / f).read_bytes() == (theirs / f).read_bytes(), f
+    assert sorted(Path(p).relative_to(mine).as_posix() for p in opened) == (
+        [] if io == "page cache" else ["tokens/c/2", "values/c/2"]
+    )  # the full shard without a zero chunk (the last is shorter than a page)
+
+
+def test_current_stores_are_found_by_stat_alone(project_copy, monkeypatch):
+    """A run over current stores opens no source and reads no source byte (a stat each,
+    with the inode and ctime recorded); a chmod (a new ctime) is noticed and rebuilds that
+    file only; a store with a killed compile's leftovers goes through the locked path,
+    which removes them. A file changed under two seconds ago records no identity (a write
+    in the same timestamp tick could leave it unchanged): the fingerprint decides."""
+    from concept import store as fmt
+
+    src = project_copy / H5 / "hs_csr_e.h5ad"
+    os.utime(src)  # changed just now
+    assert "ino" not in fmt.source_stat(src, identity=True)
+    assert "ino" not in fmt.source_stat(src)  # what training checks: size and mtime
+    monkeypatch.setattr(fmt, "_RACY_NS", 0)
+    assert set(fmt.source_stat(src, identity=True)) == {"size", "mtime_ns", "ino", "ctime_ns"}
+    cfg = config(project_copy, "compile.workers=1")  # in this process: _RACY_NS is 0
+    assert cli.run(cfg) == 0
+    stores = _stores(project_copy)
+    leftover = stores["hs_csr_a"].parent / ".hs_csr_a.zarr.tmp-99999999"
+    leftover.mkdir()
+
+    def no_read(*a, **k):
+        raise AssertionError("a current store's source was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "source_fingerprint", no_read)
+        m.setattr(cli, "open_source", no_read)  # the progress bar's size pass
+        reports = cli.current_stores(make_jobs(cfg))
+    current = {Path(r.file).stem for r in reports if r is not None}
+    assert current == set(stores) - {"hs_csr_a"}
+    assert all(r.status == "skipped" and r.n_cells > 0 for r in reports if r is not None)
+    src.chmod(0o644 if src.stat().st_mode & 0o777 != 0o644 else 0o640)
+    assert cli.run(cfg) == 0
+    report = json.loads((project_copy / "compiled/compile_report.json").read_text())
+    status = {Path(f["file"]).stem: f["status"] for f in report["files"]}
+    assert status.pop("hs_csr_e") == "compiled" and set(status.values()) == {"skipped"}
+    assert not leftover.exists()
+
+
+def test_stores_put_in_place_behind_the_next_build(project_copy, monkeypatch):
+    """compile_files swaps each store in on its own thread while the next file is built:
+    every store ends in place; a swap that fails (a full disk) fails its file alone, with
+    its temporary folder removed and its lock released (the next run compiles it)."""
+    import errno
+
+    from preprocess import compiler
+
+    jobs = make_jobs(config(project_copy, "compile.workers=1"))
+    replace = compiler.replace_store
+
+    def full_disk_for_csr_e(tmp, out, flushed=False):
+        assert flushed  # the batch was flushed before the swaps
+        if out.name == "hs_csr_e.zarr":
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        replace(tmp, out, flushed)
+
+    monkeypatch.setattr(compiler, "replace_store", full_disk_for_csr_e)
+    reports = {Path(r.file).stem: r for r in compiler.compile_files(jobs)}
+    failed = reports.pop("hs_csr_e")
+    assert failed.status == "failed" and "no space left on device" in failed.error
+    assert {r.status for r in reports.values()} == {"compiled"}
+    assert set(_stores(project_copy)) == set(reports)
+    assert all(r.seconds > 0 and r.n_cells > 0 for r in reports.values())
+    assert not list((project_copy / "compiled/synth_cxg").glob(".*.tmp-*"))
+    monkeypatch.setattr(compiler, "replace_store", replace)
+    again = {Path(r.file).stem: r.status for r in compiler.compile_files(jobs)}
+    assert again.pop("hs_csr_e") == "compiled" and set(again.values()) == {"skipped"}
