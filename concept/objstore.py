@@ -275,10 +275,6 @@ def read(uri: str | Uri, start: int | None = None, end: int | None = None) -> by
     return bytes(submit(get_async(uri, byte_range)).result()[0])
 
 
-def read_text(uri: str | Uri) -> str:
-    return read(uri).decode()
-
-
 def list_objects(uri: str | Uri) -> dict[str, int]:
     """Keys (relative to ``uri``) and sizes of the objects under the prefix ``uri/``."""
     import obstore

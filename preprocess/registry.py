@@ -465,6 +465,11 @@ def _s3_storage(ln, root: str):
     return record
 
 
+def _s3_root(storage_record) -> str:
+    """An s3 storage record's root without lamindb's ``?endpoint_url=``."""
+    return storage_record.root.split("?")[0]
+
+
 def _s3_stats(root: str) -> dict[str, tuple[int, int]]:
     """Store prefix (relative to ``root``) -> (bytes, objects), from one listing of ``root``."""
     stats: dict[str, list[int]] = {}
@@ -596,7 +601,7 @@ def _register_artifacts(ln, stores: list[dict], storage_record, features: dict) 
     artifact); returns the number of stores per outcome."""
     versions = _versions(ln, [store["key"] for store in stores], storage_record)
     on_s3 = storage_record.type == "s3"
-    listed = _s3_stats(objstore.Uri.parse(storage_record.root.split("?")[0])) if on_s3 else {}
+    listed = _s3_stats(_s3_root(storage_record)) if on_s3 else {}
     status: dict[str, str] = {}
     current: dict[int, dict] = {}  # artifact id -> features, of the unchanged versions
     new, new_features = [], []
@@ -707,8 +712,8 @@ def _artifact_path(artifact) -> str:
     from lamindb.core.storage.paths import auto_storage_key_from_artifact
 
     key = auto_storage_key_from_artifact(artifact)
-    if artifact.storage.type == "s3":  # the root without lamindb's ?endpoint_url=
-        return objstore.join(artifact.storage.root.split("?")[0], key)
+    if artifact.storage.type == "s3":
+        return objstore.join(_s3_root(artifact.storage), key)
     return str(Path(artifact.storage.root) / key)
 
 
