@@ -136,6 +136,20 @@ def series_codes(col) -> tuple[np.ndarray, list[str]]:
     )
 
 
+def _string_categorical(elem) -> tuple[np.ndarray, list[str]] | None:
+    """:func:`category_codes` of an HDF5 categorical column with string categories, read
+    as its codes and categories (anndata's reader builds a pandas Categorical first: ~5 ms
+    a column, as much as compiling a small file's cells); None for any other column."""
+    import h5py
+
+    if not isinstance(elem, h5py.Group) or _attr(elem, "encoding-type") != "categorical":
+        return None
+    cats = elem.get("categories")
+    if not isinstance(cats, h5py.Dataset) or h5py.check_string_dtype(cats.dtype) is None:
+        return None
+    return np.asarray(elem["codes"][:], np.int32), list(cats.asstr()[:])
+
+
 class H5adSource:
     """An open AnnData file: its genes, obs columns and expression blocks.
 
@@ -288,6 +302,8 @@ class H5adSource:
 
             if key not in obs:
                 return None
+            if (direct := _string_categorical(obs[key])) is not None:
+                return direct
             values = read_elem(obs[key])
         else:
             frame = self._frame("obs")

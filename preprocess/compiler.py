@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import queue
 import resource
@@ -39,9 +40,13 @@ from concept import store as fmt
 from concept.h5ad import match_genes, open_source
 from concept.tokenize import drop_duplicate_columns, take_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
-from preprocess.writer import StoreWriter
+from preprocess.spill import Spill
+from preprocess.writer import StoreWriter, aligned_empty
 
 BUCKET_ELEMENTS = 4 << 20  # entries per scratch bucket: bounds pass-2 memory (~50 MB)
+MAX_BUCKETS = 512  # larger files get larger buckets: the scratch's memory stays bounded
+MIN_BUCKET_CELLS = 256
+_BUCKET_SLOTS = 10  # preprocess.writer.aligned_empty slots of pass 2 (the writer has 0-5)
 
 
 @dataclass
@@ -174,81 +179,73 @@ def _prefetch(items, depth: int):
 class _Buckets:
     """Pass 1's scratch: per bucket, its cells' entries in arrival order and their output
     positions. Values are kept block by block (segments) in the narrowest dtype that holds
-    that block exactly. In files under ``folder``, or in memory when there is a single
-    bucket (a small file: no scratch files at all)."""
+    that block exactly. On disk in one :class:`preprocess.spill.Spill` under ``folder``
+    (two streams per bucket: tokens, values), or in memory when there is a single bucket
+    (a small file: no scratch file at all). :meth:`read` fills one of two sets of
+    buffers (``slot``), so that the next bucket can be read while one is written."""
 
     def __init__(self, folder: Path, n_buckets: int, token_dtype: np.dtype, in_memory: bool):
-        self.folder, self.token_dtype, self.in_memory = folder, np.dtype(token_dtype), in_memory
+        self.token_dtype, self.in_memory = np.dtype(token_dtype), in_memory
         self.positions: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
-        self.segments: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]  # values
+        # values: arrays in memory; (dtype, count) on disk
+        self.segments: list[list] = [[] for _ in range(n_buckets)]
         self.tokens: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]  # in memory
-        self.files: list[tuple] = []
+        self.spill: Spill | None = None
         if not in_memory:
             folder.mkdir(parents=True)
-            self.files = [
-                (open(folder / f"t{b}", "w+b"), open(folder / f"v{b}", "w+b"))
-                for b in range(n_buckets)
-            ]
-        self.buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8), np.empty(0, np.uint8)]
+            self.spill = Spill(folder / "spill", 2 * n_buckets)
+        self.folder = folder
 
     def add(self, b: int, tokens: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
         self.positions[b].append(positions)
-        if self.in_memory:
+        if self.spill is None:
             self.tokens[b].append(tokens.copy())
             self.segments[b].append(values.copy())
         else:
-            tokens.tofile(self.files[b][0])
-            values.tofile(self.files[b][1])
-            self.segments[b].append(np.empty(len(values), values.dtype))  # dtype and count
+            self.spill.append(2 * b, tokens)
+            self.spill.append(2 * b + 1, values)
+            self.segments[b].append((values.dtype, len(values)))
 
-    def _buffer(self, i: int, n: int, dtype: np.dtype) -> np.ndarray:
-        """Reused buffer ``i`` as ``n`` items of ``dtype`` (grown when too small)."""
-        nbytes = n * np.dtype(dtype).itemsize
-        if len(self.buffers[i]) < nbytes:
-            self.buffers[i] = np.empty(2 * nbytes, np.uint8)
-        return self.buffers[i][:nbytes].view(dtype)
-
-    def read(self, b: int, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Bucket ``b``'s output positions, tokens and values (as ``value_dtype``), in
-        reused buffers; its scratch files are dropped."""
-        segments = self.segments[b]
+    def read(
+        self, b: int, value_dtype: np.dtype, slot: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bucket ``b``'s output positions, tokens and values (as ``value_dtype``), in the
+        reused buffers of ``slot``; the bucket's scratch is dropped."""
+        segments, self.segments[b] = self.segments[b], []
         pos = np.concatenate(self.positions[b]) if segments else np.empty(0, np.int64)
-        n = sum(len(v) for v in segments)
-        tokens = self._buffer(0, n, self.token_dtype)
-        values = self._buffer(1, n, value_dtype)
-        if self.in_memory:
+        self.positions[b] = []
+        first = _BUCKET_SLOTS + 3 * slot
+        if self.spill is None:
+            n = sum(len(v) for v in segments)
+            tokens = aligned_empty(first, n, self.token_dtype)
             if segments:
                 np.concatenate(self.tokens[b], out=tokens)
+            self.tokens[b] = []
+            parts = segments
         else:
-            tf, vf = self.files[b]
-            tf.seek(0)
-            tf.readinto(memoryview(tokens).cast("B"))
-            packed = self._buffer(2, vf.tell(), np.uint8)
-            vf.seek(0)
-            vf.readinto(memoryview(packed))
-        at = offset = 0
-        for seg in segments:
-            k = len(seg)
-            if self.in_memory:
-                values[at : at + k] = seg
-            else:
-                values[at : at + k] = packed[offset : offset + seg.nbytes].view(seg.dtype)
-                offset += seg.nbytes
-            at += k
-        self.close(b)
+            n = sum(k for _, k in segments)
+            tokens = aligned_empty(first, n, self.token_dtype)
+            self.spill.read(2 * b, tokens.view(np.uint8))
+            packed = aligned_empty(first + 1, self.spill.size(2 * b + 1), np.uint8)
+            self.spill.read(2 * b + 1, packed)
+            parts, offset = [], 0
+            for dtype, k in segments:
+                parts.append(packed[offset : offset + k * dtype.itemsize].view(dtype))
+                offset += k * dtype.itemsize
+        values = aligned_empty(first + 2, n, value_dtype)
+        at = 0
+        for part in parts:
+            values[at : at + len(part)] = part
+            at += len(part)
         return pos, tokens, values
 
-    def close(self, b: int | None = None) -> None:
-        """Drop bucket ``b``'s scratch (all buckets' when None)."""
-        for k in range(len(self.files)) if b is None else [b]:
-            for fh in self.files[k] if self.files else ():
-                if not fh.closed:
-                    fh.close()
-                    Path(fh.name).unlink()
-        if b is None:
-            self.tokens = self.segments = self.positions = []
-            if self.files and self.folder.exists():
-                self.folder.rmdir()
+    def close(self) -> None:
+        """Drop the scratch."""
+        self.tokens = self.segments = self.positions = []
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+            self.folder.rmdir()
 
 
 def _build(
@@ -268,7 +265,9 @@ def _build(
         out_pos = np.empty(n, dtype=np.int64)
         out_pos[perm] = np.arange(n)
         per_cell = src.nnz_hint / max(n, 1) if src.nnz_hint is not None else src.n_vars / 10
-        bucket_cells = int(np.clip(BUCKET_ELEMENTS // max(per_cell, 1), 256, max(n, 1)))
+        bucket_cells = int(BUCKET_ELEMENTS // max(per_cell, 1))
+        bucket_cells = max(bucket_cells, -(-n // MAX_BUCKETS), MIN_BUCKET_CELLS)
+        bucket_cells = min(bucket_cells, max(n, 1))
         n_buckets = max(-(-n // bucket_cells), 1)
 
         obs = {}
@@ -304,7 +303,10 @@ def _build(
             blocks = src.blocks(
                 job.rows_per_read, job.entries_per_read, scratch_dir=tmp, buffers=PREFETCH + 2
             )
-            for a, indptr, indices, data in _prefetch(blocks, PREFETCH):
+            hint = src.nnz_hint
+            if hint is None or n > job.rows_per_read or hint > job.entries_per_read:
+                blocks = _prefetch(blocks, PREFETCH)  # more than one block: read ahead
+            for a, indptr, indices, data in blocks:
                 m = len(indptr) - 1
                 # the block's cells in bucket order: each bucket's entries come out contiguous
                 bucket = out_pos[a : a + m] // bucket_cells
@@ -339,11 +341,12 @@ def _build(
                             exact = fmt.uint_dtype_for(hi)
                 cuts = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
                 ecuts = blk.indptr[cuts]
+                vals = vals.astype(exact, copy=False)
                 for b in np.flatnonzero(np.diff(cuts)):
                     buckets.add(
                         b,
                         blk.tokens[ecuts[b] : ecuts[b + 1]],
-                        vals[ecuts[b] : ecuts[b + 1]].astype(exact, copy=False),
+                        vals[ecuts[b] : ecuts[b + 1]],
                         out_pos[rows[cuts[b] : cuts[b + 1]]],
                     )
                 if progress is not None:
@@ -366,55 +369,61 @@ def _build(
     out_nnz = nnz[perm]
     out: tuple[np.ndarray, np.ndarray] = (np.empty(0, mapping.token_dtype), np.empty(0))
     try:
-        for b in range(n_buckets):
-            pos, tokens, values = buckets.read(b, store_vdtype)
-            local = np.zeros(len(pos) + 1, np.int64)
-            np.cumsum(out_nnz[pos], out=local[1:])
-            out = _at_least(out, len(tokens), store_vdtype)
-            writer.append(*take_cells(local, np.argsort(pos), tokens, values, out))
+        # the next bucket is read (from disk: I/O waits) while one is put in order
+        with ThreadPoolExecutor(1, thread_name_prefix="bucket") as ahead:
+            nxt = ahead.submit(buckets.read, 0, store_vdtype, 0)
+            for b in range(n_buckets):
+                pos, tokens, values = nxt.result()
+                if b + 1 < n_buckets:
+                    nxt = ahead.submit(buckets.read, b + 1, store_vdtype, (b + 1) % 2)
+                local = np.zeros(len(pos) + 1, np.int64)
+                np.cumsum(out_nnz[pos], out=local[1:])
+                out = _at_least(out, len(tokens), store_vdtype)
+                writer.append(*take_cells(local, np.argsort(pos), tokens, values, out))
         writer.close_entries()
+        buckets.close()
+        cells = writer.cells
+
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(out_nnz, out=indptr[1:])
+        cells(fmt.INDPTR, indptr)
+        cells(fmt.VAR_TOKENS, np.unique(col_tokens[col_tokens >= 0]).astype(mapping.token_dtype))
+        cells(fmt.TOTAL_COUNTS, total_counts[perm])
+        cells(fmt.N_GENES, n_genes[perm])
+        cells(fmt.ROW, perm.astype(np.int64))
+        for key, (codes, cats) in obs.items():
+            cells(f"{fmt.OBS_GROUP}/{key}", codes[perm], {"categories": cats})
+        if embs_key:
+            cells(f"{fmt.OBSM_GROUP}/{embs_key}", embs[perm])
+
+        report.n_cells, report.nnz = n, total
+        report.n_cells_unmapped = int((nnz == 0).sum())
+        writer.finish(
+            {
+                "species": job.species,
+                "source_name": job.source_name,
+                "source_file": Path(job.source).name,
+                "normalization": s["normalization"],
+                "shuffle_seed": s["shuffle_seed"],
+                **inputs,
+                "n_cells": n,
+                "nnz": total,
+                "n_var_mapped": n_mapped,
+                "n_var_source": int(len(col_tokens)),
+                "x_source": src.x_source,
+                "var_source": var_source,
+                "value_dtype": store_vdtype.name,
+                "obs_keys": list(obs),
+                "precomp_embs_dim": int(embs.shape[1]) if embs_key else None,
+                "n_cells_unmapped": report.n_cells_unmapped,
+                "duplicate_genes": report.duplicate_genes,
+            }
+        )
     except BaseException:
-        writer.abort()
+        writer.abort()  # no write may land after the caller removes the folder
         raise
     finally:
         buckets.close()
-    cells = writer.cells
-
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(out_nnz, out=indptr[1:])
-    cells(fmt.INDPTR, indptr)
-    cells(fmt.VAR_TOKENS, np.unique(col_tokens[col_tokens >= 0]).astype(mapping.token_dtype))
-    cells(fmt.TOTAL_COUNTS, total_counts[perm])
-    cells(fmt.N_GENES, n_genes[perm])
-    cells(fmt.ROW, perm.astype(np.int64))
-    for key, (codes, cats) in obs.items():
-        cells(f"{fmt.OBS_GROUP}/{key}", codes[perm], {"categories": cats})
-    if embs_key:
-        cells(f"{fmt.OBSM_GROUP}/{embs_key}", embs[perm])
-
-    report.n_cells, report.nnz = n, total
-    report.n_cells_unmapped = int((nnz == 0).sum())
-    writer.finish(
-        {
-            "species": job.species,
-            "source_name": job.source_name,
-            "source_file": Path(job.source).name,
-            "normalization": s["normalization"],
-            "shuffle_seed": s["shuffle_seed"],
-            **inputs,
-            "n_cells": n,
-            "nnz": total,
-            "n_var_mapped": n_mapped,
-            "n_var_source": int(len(col_tokens)),
-            "x_source": src.x_source,
-            "var_source": var_source,
-            "value_dtype": store_vdtype.name,
-            "obs_keys": list(obs),
-            "precomp_embs_dim": int(embs.shape[1]) if embs_key else None,
-            "n_cells_unmapped": report.n_cells_unmapped,
-            "duplicate_genes": report.duplicate_genes,
-        }
-    )
 
 
 def _read_obsm(src, key: str, n_cells: int) -> np.ndarray:
@@ -469,25 +478,25 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-_FSYNC_POOL: ThreadPoolExecutor | None = None
+@functools.cache
+def _fsync_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(8, thread_name_prefix="fsync")
 
 
 def _fsync_tree(*roots: Path) -> None:
     """Flush every file and directory under ``roots`` to disk. The flushes run from
     several threads at once, so that the filesystem commits them together (a store has
     a few dozen files: one after the other, each waits for its own journal commit)."""
-    global _FSYNC_POOL
-    if _FSYNC_POOL is None:
-        _FSYNC_POOL = ThreadPoolExecutor(8, thread_name_prefix="fsync")
     files, folders = [], []
     for root in roots:
         for dirpath, _, names in os.walk(root):
             folders.append(Path(dirpath))
             files += [os.path.join(dirpath, name) for name in names]
-    list(_FSYNC_POOL.map(_fsync_file, files))
-    list(_FSYNC_POOL.map(_fsync_dir, folders))
+    list(_fsync_pool().map(_fsync_file, files))
+    list(_fsync_pool().map(_fsync_dir, folders))
 
 
+@functools.cache
 def _reuse_freed_memory() -> None:
     """Have glibc keep freed blocks (up to 32 MiB each) for reuse instead of handing them
     back to the kernel: the compiler frees and reallocates arrays of that size for every
@@ -528,14 +537,16 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def replace_store(tmp: Path, out: Path, flushed: bool = False) -> None:
-    """Put the complete store ``tmp`` in place as ``out``, durably.
+def replace_store(tmp: Path, out: Path, flushed: bool = False, sync_folder: bool = True) -> None:
+    """Put the complete store ``tmp`` in place as ``out``, durably (unless ``sync_folder``
+    is False: the caller flushes ``out``'s folder afterwards).
 
-    The new store is flushed to disk first (unless ``flushed``: the caller did). An existing store is then swapped with it in
-    one atomic exchange, so ``out`` always names a complete store; where the filesystem
-    cannot exchange, the old store is moved aside to ``.<name>.old-<pid>`` first and
-    :func:`recover` puts it back if the process dies before the new one is in place.
-    The old store is removed last.
+    The new store is flushed to disk first (unless ``flushed``: the caller did). An
+    existing store is then swapped with it in one atomic exchange, so ``out`` always
+    names a complete store; where the filesystem cannot exchange, the old store is moved
+    aside to ``.<name>.old-<pid>`` first and :func:`recover` puts it back if the process
+    dies before the new one is in place (the folder is then flushed here whatever
+    ``sync_folder`` says). The old store is removed last.
     """
     if not flushed:
         _fsync_tree(tmp)
@@ -547,9 +558,17 @@ def replace_store(tmp: Path, out: Path, flushed: bool = False) -> None:
         os.rename(out, old)
         _fsync_dir(out.parent)
         os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    if sync_folder or old != tmp:
+        _fsync_dir(out.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _leftover_of(name: str) -> str | None:
+    """The store a folder entry was left beside by a killed compile (``.<store>.tmp-<pid>``,
+    ``.<store>.old-<pid>``), else None."""
+    store, _, suffix = name[1:].rpartition(".")
+    return store if name.startswith(".") and "-" in suffix else None
 
 
 def recover(out: Path) -> None:
@@ -558,8 +577,15 @@ def recover(out: Path) -> None:
     A store moved aside by :func:`replace_store` while ``out`` is missing is moved back
     (never deleted: it may be the only complete copy); temporary stores are removed.
     """
+    # one listing, not a glob: a folder may hold thousands of stores
+    left = sorted(n for n in os.listdir(out.parent) if _leftover_of(n) == out.name)
+    if not left:
+        return
     if not out.exists():
-        for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        for name in left:
+            old = out.parent / name
+            if not name.startswith(f".{out.name}.old-"):
+                continue
             try:
                 fmt.read_attrs(old)
             except fmt.StoreError:
@@ -567,8 +593,8 @@ def recover(out: Path) -> None:
             os.rename(old, out)
             _fsync_dir(out.parent)
             break
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for name in left:
+        shutil.rmtree(out.parent / name, ignore_errors=True)
 
 
 _MAPPINGS: dict[str, TokenMapping] = {}
@@ -631,10 +657,7 @@ def _leftovers(folders: set[Path]) -> set[Path]:
             names = os.listdir(folder)
         except FileNotFoundError:
             continue
-        for name in names:
-            store, _, suffix = name[1:].rpartition(".")
-            if name.startswith(".") and "-" in suffix:
-                found.add(folder / store)
+        found |= {folder / s for s in map(_leftover_of, names) if s is not None}
     return found
 
 
@@ -698,40 +721,64 @@ class _Built:
 class _Finisher:
     """Puts built stores in place (:func:`replace_store`) on a thread of its own, while the
     caller builds the next file: the flushes of a small store cost about as much as
-    building it. Stores that are waiting when the thread takes the next are flushed
-    together (their fsyncs share the filesystem's journal commits), then swapped in one
-    by one; each lock is released after its swap. At most ``depth`` stores wait; a kill
-    loses only those (their temporary folders are :func:`recover`'s to remove)."""
+    building it. The thread takes the stores submitted within ``linger`` seconds of the
+    first (or until :meth:`close`), flushes them together, swaps them in one by one, and
+    flushes their folders once: every flush is a journal commit, and a commit in
+    progress stalls the caller's file creations (measured: 28 us each alone, 400 us
+    beside a flush of every store). Each lock is released once its store is durable. At
+    most ``depth`` stores wait; a kill loses only those (their temporary folders are
+    :func:`recover`'s to remove)."""
 
-    def __init__(self, depth: int = 16):
+    def __init__(self, depth: int = 16, linger: float = 0.25):
         self.queue: queue.Queue = queue.Queue(depth)
+        self.depth, self.linger = depth, linger
         self.thread = threading.Thread(target=self._run, name="finisher", daemon=True)
         self.thread.start()
 
     def submit(self, built: _Built) -> None:
         self.queue.put(built)
 
+    def _take(self) -> list[_Built | None]:
+        """The next stores: the first submitted, and those submitted ``linger`` after it
+        (None: closed)."""
+        batch = [self.queue.get()]
+        until = time.monotonic() + self.linger
+        while batch[-1] is not None and len(batch) < self.depth:
+            try:
+                batch.append(self.queue.get(timeout=max(until - time.monotonic(), 0)))
+            except queue.Empty:
+                break
+        return batch
+
     def _run(self) -> None:
         while True:
-            batch = [self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get())
+            batch = self._take()
             stores = [b for b in batch if b is not None]
             try:
                 _fsync_tree(*(b.tmp for b in stores))
                 flushed = True
             except Exception:  # flushed one by one below: the error goes to its own store
                 flushed = False
+            done = []
             for b in stores:
                 try:
-                    replace_store(b.tmp, b.out, flushed=flushed)
-                    b.report.status = "compiled"
+                    replace_store(b.tmp, b.out, flushed=flushed, sync_folder=False)
+                    done.append(b)
                 except Exception as e:
                     b.report.error = _failure(e, b.job)
                 finally:
                     shutil.rmtree(b.tmp, ignore_errors=True)
-                    b.lock.close()
-                    _finish_report(b.report, b.t0)
+            folders = {b.out.parent for b in done}
+            try:
+                list(_fsync_pool().map(_fsync_dir, folders))
+                for b in done:
+                    b.report.status = "compiled"
+            except Exception as e:
+                for b in done:
+                    b.report.error = _failure(e, b.job)
+            for b in stores:
+                b.lock.close()
+                _finish_report(b.report, b.t0)
             if len(stores) < len(batch):
                 return
 

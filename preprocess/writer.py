@@ -129,13 +129,13 @@ def _write_file(path: Path, buffers: list) -> None:
 
 
 _ALIGN = 4096  # O_DIRECT: the buffer's address, the file offset and the length
-_DIRECT = getattr(os, "O_DIRECT", 0)
+DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 _SLOTS: dict[int, mmap.mmap] = {}  # the shard writers' buffers, kept for the next store
 
 
-def _aligned_empty(slot: int, n: int, dtype: np.dtype) -> np.ndarray:
+def aligned_empty(slot: int, n: int, dtype: np.dtype) -> np.ndarray:
     """``n`` items of ``dtype`` in page-aligned memory (an anonymous mapping): buffer
     ``slot`` of this process, reused by the next store while large enough (fresh pages
     cost more than the bytes written from them; stores are written one at a time)."""
@@ -156,11 +156,11 @@ def _write_shard(path: Path, buffers: list) -> None:
     in either way."""
     head = buffers[0]
     n = len(head) // _ALIGN * _ALIGN
-    if not (_DIRECT and n and np.frombuffer(head, np.uint8).ctypes.data % _ALIGN == 0):
+    if not (DIRECT and n and np.frombuffer(head, np.uint8).ctypes.data % _ALIGN == 0):
         return _write_file(path, buffers)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _DIRECT, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | DIRECT, 0o666)
         try:
             done = 0
             while done < n:
@@ -194,7 +194,7 @@ class _ShardWriter:
     ):
         self.write, self.pool = write, pool
         size = min(shard, max(n, 1))
-        self.buffers = [_aligned_empty(slot + k, size, dtype) for k in range(3)]
+        self.buffers = [aligned_empty(slot + k, size, dtype) for k in range(3)]
         self.pos, self.fill, self.current, self.writes = 0, 0, 0, []
 
     def _flush(self) -> None:
@@ -215,10 +215,20 @@ class _ShardWriter:
                 self._flush()
 
     def close(self) -> None:
+        """Submit the last shard (:meth:`wait` waits for the writes)."""
         if self.fill:
             self._flush()
-        for w in self.writes:
-            w.result()
+
+    def wait(self, check: bool = True) -> None:
+        """Wait for the writes in flight; with ``check``, the first error is raised after
+        all are done."""
+        writes, self.writes = self.writes, []
+        errors = [e for w in writes if (e := w.exception()) is not None]
+        if errors and check:
+            raise errors[0]
+
+
+_POOL = ThreadPoolExecutor(1, thread_name_prefix="shards")  # one store is written at a time
 
 
 class StoreWriter:
@@ -259,7 +269,6 @@ class StoreWriter:
 
             self.root = zarr.open_group(tmp, mode="a", zarr_format=3)
         self.groups: set[str] = set()
-        self.pool = ThreadPoolExecutor(1)
         self.tokens = self._entries(fmt.TOKENS, np.dtype(token_dtype), slot=0)
         self.values = self._entries(fmt.VALUES, np.dtype(value_dtype), slot=3)
 
@@ -298,7 +307,7 @@ class StoreWriter:
             def write(start: int, data: np.ndarray) -> None:
                 arr[start : start + len(data)] = data
 
-        return _ShardWriter(write, shard, self.nnz, dtype, self.pool, slot)
+        return _ShardWriter(write, shard, self.nnz, dtype, _POOL, slot)
 
     def append(self, tokens: np.ndarray, values: np.ndarray) -> None:
         """The next entries, in stored order."""
@@ -306,17 +315,19 @@ class StoreWriter:
         self.values.append(values)
 
     def close_entries(self) -> None:
-        """Flush the entry arrays (after the last :meth:`append`)."""
+        """Submit the last shards of the entry arrays (after the last :meth:`append`);
+        they are written while the per-cell arrays are (:meth:`finish` waits for them)."""
         self.tokens.close()
         self.values.close()
-        self.pool.shutdown()
         if self.tokens.pos != self.nnz or self.values.pos != self.nnz:
+            self.abort()
             raise ValueError(f"wrote {self.tokens.pos} entries, declared {self.nnz}")
 
     def abort(self) -> None:
         """After an error: wait for the writes in flight, so that none lands after the
         caller removes the folder."""
-        self.pool.shutdown()
+        self.tokens.wait(check=False)  # the error that led here is the one to report
+        self.values.wait(check=False)
 
     def cells(self, name: str, data: np.ndarray, attrs: dict | None = None) -> None:
         """A whole per-cell array (``indptr``, ``cell/*``, ``obs/<key>``, ``obsm/<key>``,
@@ -347,6 +358,8 @@ class StoreWriter:
 
     def finish(self, attrs: dict) -> None:
         """Write the root attributes (the format name and creation time added)."""
+        self.tokens.wait()
+        self.values.wait()
         created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         attrs = {"format": fmt.FORMAT, "created_at": created, **attrs}
         if self.plain:

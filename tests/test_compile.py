@@ -459,12 +459,12 @@ def test_writer_writes_zarrs_own_bytes(tmp_path, value_dtype, io, monkeypatch):
 
     opened = []
     if io == "page cache":
-        monkeypatch.setattr(writer, "_DIRECT", 0)
+        monkeypatch.setattr(writer, "DIRECT", 0)
     else:
         real_open = os.open
 
         def tracked_open(path, flags, *a):
-            if flags & writer._DIRECT:
+            if flags & writer.DIRECT:
                 opened.append(path)
                 if io == "direct refused":
                     raise OSError(errno.EINVAL, "Invalid argument", str(path))
@@ -576,11 +576,11 @@ def test_stores_put_in_place_behind_the_next_build(project_copy, monkeypatch):
     jobs = make_jobs(config(project_copy, "compile.workers=1"))
     replace = compiler.replace_store
 
-    def full_disk_for_csr_e(tmp, out, flushed=False):
-        assert flushed  # the batch was flushed before the swaps
+    def full_disk_for_csr_e(tmp, out, flushed=False, sync_folder=True):
+        assert flushed and not sync_folder  # the batch is flushed before and after the swaps
         if out.name == "hs_csr_e.zarr":
             raise OSError(errno.ENOSPC, "No space left on device", str(out))
-        replace(tmp, out, flushed)
+        replace(tmp, out, flushed, sync_folder)
 
     monkeypatch.setattr(compiler, "replace_store", full_disk_for_csr_e)
     reports = {Path(r.file).stem: r for r in compiler.compile_files(jobs)}
@@ -593,3 +593,81 @@ def test_stores_put_in_place_behind_the_next_build(project_copy, monkeypatch):
     monkeypatch.setattr(compiler, "replace_store", replace)
     again = {Path(r.file).stem: r.status for r in compiler.compile_files(jobs)}
     assert again.pop("hs_csr_e") == "compiled" and set(again.values()) == {"skipped"}
+
+
+@pytest.mark.parametrize("io", ["direct", "page cache", "direct refused at write"])
+def test_spill_streams_read_back_what_was_appended(tmp_path, io, monkeypatch):
+    """The compiler's scratch: many streams appended to in any order, in pieces of any
+    size and dtype, read back byte for byte, from one file (whatever the stream count),
+    with O_DIRECT, through the page cache, and where O_DIRECT is refused at the first
+    write (EINVAL: the same file through the page cache)."""
+    import errno
+
+    from preprocess import spill, writer
+
+    if io == "page cache":
+        monkeypatch.setattr(writer, "DIRECT", 0)
+    refused = []
+    if io == "direct refused at write":
+        real = os.pwritev
+
+        def pwritev(fd, buffers, offset):
+            import fcntl
+
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & writer.DIRECT:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(spill.os, "pwritev", pwritev)
+    monkeypatch.setattr(spill, "SPARE_EXTENTS", 2)  # streams wait for the writing thread
+    rng = np.random.default_rng(0)
+    n_streams = 600  # 64 KiB extents
+    s = spill.Spill(tmp_path / "spill", n_streams)
+    assert s.extent == 64 << 10
+    expected: list[list[bytes]] = [[] for _ in range(n_streams)]
+    for _ in range(3000):
+        stream = int(rng.integers(n_streams)) if rng.random() < 0.7 else 7  # one long stream
+        dtype = rng.choice([np.uint8, np.uint16, np.float32, np.int64])
+        piece = rng.integers(0, 250, int(rng.integers(0, 40_000))).astype(dtype)
+        s.append(stream, piece)
+        expected[stream].append(piece.tobytes())
+    assert os.listdir(tmp_path) == ["spill"]
+    assert s.size(7) > 10 * s.extent  # many extents, on disk
+    for stream in rng.permutation(n_streams):
+        want = b"".join(expected[stream])
+        got = writer.aligned_empty(20, s.size(stream), np.uint8)
+        s.read(stream, got)
+        assert got.tobytes() == want, stream
+    s.close()
+    assert os.listdir(tmp_path) == []
+    assert bool(refused) == (io == "direct refused at write")
+
+
+def test_many_buckets_on_disk_equal_one_in_memory(project_copy, monkeypatch):
+    """A file spread over many scratch buckets (on disk, read back one ahead of the one
+    being written) gives the same store as one bucket in memory: every array."""
+    import shutil
+
+    from preprocess import compiler
+
+    other = project_copy.parent / "other"
+    shutil.copytree(project_copy, other)
+    assert cli.run(config(project_copy, "compile.workers=1")) == 0
+    monkeypatch.setattr(compiler, "BUCKET_ELEMENTS", 20_000)  # ~25 cells per bucket
+    monkeypatch.setattr(compiler, "MIN_BUCKET_CELLS", 8)
+    spills = []
+    real_spill = compiler.Spill
+
+    def counted(path, n_streams):
+        spills.append(n_streams)
+        return real_spill(path, n_streams)
+
+    monkeypatch.setattr(compiler, "Spill", counted)
+    assert cli.run(config(other, "compile.workers=1")) == 0
+    assert len(spills) == 4 and min(spills) >= 2 * 6  # the CSR/CSC files: 6+ buckets each
+    for stem, path in _stores(project_copy).items():
+        a, b = _arrays(path), _arrays(_stores(other)[stem])
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a), stem
+    assert not list((other / "compiled").rglob("_scratch"))
