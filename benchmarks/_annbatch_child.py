@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -43,12 +44,14 @@ def convert(args) -> dict:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), os.times()
     DatasetCollection(out).add_adatas([args.h5ad], shuffle=True, rng=np.random.default_rng(0))
-    seconds = time.perf_counter() - t0
+    seconds, cpu1 = time.perf_counter() - t0, os.times()
     size = sum(p.stat().st_size for p in files_under(out))
     return {
         "seconds": round(seconds, 2),
+        "cpu_user_seconds": round(cpu1.user - cpu0.user, 2),  # all threads
+        "cpu_system_seconds": round(cpu1.system - cpu0.system, 2),
         "store_mb": round(size / (1 << 20), 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "settings": "DatasetCollection.add_adatas defaults (shuffle, lz4 blosc, 1GB shards)",
