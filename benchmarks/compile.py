@@ -469,10 +469,12 @@ def step_sort(out: Path, rows: int) -> dict:
     return result
 
 
-def _small_project(out: Path, n_files: int, cells: int) -> tuple[Path, list]:
+def _small_project(
+    out: Path, n_files: int, cells: int, compiled: Path | None = None
+) -> tuple[Path, list]:
     """A project of ``n_files`` files of ``cells`` cells (hard links to one generated
     file: the same genes, so the per-process gene-match cache hits after the first) and
-    its compile jobs (a split of its own)."""
+    its compile jobs (a split of its own), into ``compiled`` (default: the project's)."""
     import yaml
 
     from concept.config import load_config
@@ -499,22 +501,30 @@ def _small_project(out: Path, n_files: int, cells: int) -> tuple[Path, list]:
         "compile.force=true",
         "compile.register=false",
         "datamodule/split_cellxgene_hsapiens=split_many",
-    ]
+    ] + ([f"PATH.COMPILED_ROOT={compiled}"] if compiled else [])
     cfg = load_config(overrides, config_dir=project / "conf")
     return project, [j for j in make_jobs(cfg) if "/many/" in j.source]
 
 
 def step_small_files(out: Path, rows: int) -> dict:
     """``preprocess.compile.run_jobs`` (the entry point's orchestration: progress bar,
-    pool) over ``SMALL`` files, timed from the first job to the last report."""
+    pool) over ``SMALL`` files, timed from the first job to the last report.
+
+    The stores go to a new folder, and earlier runs' are removed only after the timing:
+    ext4 skips the inodes of files deleted in the last minute (five, before writeback)
+    when it allocates new ones, so 50,000 inodes just deleted made every file and folder
+    created here several times slower (``recently_deleted`` in a ``perf`` profile)."""
     from preprocess.compile import run_jobs
 
     n_files, cells, workers = SMALL
-    project, jobs = _small_project(out, n_files, cells)
-    shutil.rmtree(project / "compiled", ignore_errors=True)
+    compiled = out / f"small_{cells}" / f"compiled-{os.getpid()}"
+    project, jobs = _small_project(out, n_files, cells, compiled)
     t0 = _start()
     reports = run_jobs(jobs, workers)
     seconds = time.perf_counter() - t0
+    for old in (out / f"small_{cells}").glob("compiled*"):
+        shutil.rmtree(old)
+    os.sync()
     failed = [r.error for r in reports if r.status != "compiled"]
     if failed:
         raise SystemExit(f"{len(failed)} small files failed: {failed[0]}")

@@ -387,7 +387,8 @@ def _build(
         indptr = np.zeros(n + 1, np.int64)
         np.cumsum(out_nnz, out=indptr[1:])
         cells(fmt.INDPTR, indptr)
-        cells(fmt.VAR_TOKENS, np.unique(col_tokens[col_tokens >= 0]).astype(mapping.token_dtype))
+        # mapped tokens are distinct (drop_duplicate_columns): their sorted set, as a sort
+        cells(fmt.VAR_TOKENS, np.sort(col_tokens[col_tokens >= 0]).astype(mapping.token_dtype))
         cells(fmt.TOTAL_COUNTS, total_counts[perm])
         cells(fmt.N_GENES, n_genes[perm])
         cells(fmt.ROW, perm.astype(np.int64))
