@@ -28,7 +28,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,9 @@ def _prefetch(items, depth: int):
             q.put(done)
         except BaseException as e:  # handed to the consumer
             q.put(e)
+        finally:
+            if hasattr(items, "close"):  # a generator stopped early: its own cleanup now
+                items.close()
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
@@ -298,60 +301,74 @@ def _build(
         buckets = _Buckets(
             tmp / "_scratch", n_buckets, mapping.token_dtype, in_memory=n_buckets == 1
         )
-        buffers: tuple[np.ndarray, np.ndarray] = (np.empty(0, mapping.token_dtype), np.empty(0))
+        # tokenize output buffers, used in turn: a block is tokenized while the one before
+        # is spread over the buckets, and one more waits between them
+        ring = [(np.empty(0, mapping.token_dtype), np.empty(0)) for _ in range(3)]
+
+        def tokenized(blocks):
+            with closing(blocks):  # an error here stops the reading thread too
+                for k, (a, indptr, indices, data) in enumerate(blocks):
+                    m = len(indptr) - 1
+                    # the block's cells in bucket order: each bucket's entries come out contiguous
+                    bucket = out_pos[a : a + m] // bucket_cells
+                    order = np.argsort(bucket, kind="stable")
+                    i = k % len(ring)
+                    ring[i] = _at_least(ring[i], len(data), np.dtype(np.uint64))  # value keys
+                    try:
+                        blk = tokenize_csr(
+                            indptr,
+                            indices,
+                            data,
+                            col_tokens,
+                            s["normalization"],
+                            cells=order,
+                            token_dtype=mapping.token_dtype,
+                            out=ring[i],
+                        )
+                    except InputError as e:
+                        raise InputError(f"{job.source}: rows {a}..{a + m - 1}: {e}") from None
+                    yield a, m, order, bucket, blk
+
         try:
             blocks = src.blocks(
                 job.rows_per_read, job.entries_per_read, scratch_dir=tmp, buffers=PREFETCH + 2
             )
             hint = src.nnz_hint
             if hint is None or n > job.rows_per_read or hint > job.entries_per_read:
-                blocks = _prefetch(blocks, PREFETCH)  # more than one block: read ahead
-            for a, indptr, indices, data in blocks:
-                m = len(indptr) - 1
-                # the block's cells in bucket order: each bucket's entries come out contiguous
-                bucket = out_pos[a : a + m] // bucket_cells
-                order = np.argsort(bucket, kind="stable")
-                buffers = _at_least(buffers, len(data), np.dtype(np.uint64))  # value keys
-                try:
-                    blk = tokenize_csr(
-                        indptr,
-                        indices,
-                        data,
-                        col_tokens,
-                        s["normalization"],
-                        cells=order,
-                        token_dtype=mapping.token_dtype,
-                        out=buffers,
-                    )
-                except InputError as e:
-                    raise InputError(f"{job.source}: rows {a}..{a + m - 1}: {e}") from None
-                rows = a + order
-                total_counts[rows] = blk.total_counts
-                n_genes[rows] = blk.n_genes
-                nnz[rows] = np.diff(blk.indptr)
-                vals = blk.values if raw else blk.values.astype(s["value_dtype"])
-                exact = vals.dtype  # the block's scratch dtype
-                if vals.size:
-                    lo, hi = float(vals.min()), float(vals.max())
-                    vrange = [min(vrange[0], lo), max(vrange[1], hi)]
-                    whole = vals.dtype.kind in "iu" or np.array_equal(vals, np.floor(vals))
-                    if raw:
-                        vmax, integral = max(vmax, hi), integral and whole
-                        if whole and hi < 2**16:
-                            exact = fmt.uint_dtype_for(hi)
-                cuts = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-                ecuts = blk.indptr[cuts]
-                vals = vals.astype(exact, copy=False)
-                for b in np.flatnonzero(np.diff(cuts)):
-                    buckets.add(
-                        b,
-                        blk.tokens[ecuts[b] : ecuts[b + 1]],
-                        vals[ecuts[b] : ecuts[b + 1]],
-                        out_pos[rows[cuts[b] : cuts[b + 1]]],
-                    )
-                if progress is not None:
-                    progress.put(m)
-                del blk, vals  # free before the next block is read
+                # more than one block: h5py reads, the tokenizer (numba, without the GIL)
+                # and the buckets each on a thread of their own, one block apart
+                stream = _prefetch(tokenized(_prefetch(blocks, PREFETCH)), 1)
+            else:
+                stream = tokenized(blocks)
+            with closing(stream):  # stopped early (an error): its threads stop now
+                for a, m, order, bucket, blk in stream:
+                    rows = a + order
+                    total_counts[rows] = blk.total_counts
+                    n_genes[rows] = blk.n_genes
+                    nnz[rows] = np.diff(blk.indptr)
+                    vals = blk.values if raw else blk.values.astype(s["value_dtype"])
+                    exact = vals.dtype  # the block's scratch dtype
+                    if vals.size:
+                        lo, hi = float(vals.min()), float(vals.max())
+                        vrange = [min(vrange[0], lo), max(vrange[1], hi)]
+                        whole = vals.dtype.kind in "iu" or np.array_equal(vals, np.floor(vals))
+                        if raw:
+                            vmax, integral = max(vmax, hi), integral and whole
+                            if whole and hi < 2**16:
+                                exact = fmt.uint_dtype_for(hi)
+                    cuts = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+                    ecuts = blk.indptr[cuts]
+                    vals = vals.astype(exact, copy=False)
+                    for b in np.flatnonzero(np.diff(cuts)):
+                        buckets.add(
+                            b,
+                            blk.tokens[ecuts[b] : ecuts[b + 1]],
+                            vals[ecuts[b] : ecuts[b + 1]],
+                            out_pos[rows[cuts[b] : cuts[b + 1]]],
+                        )
+                    if progress is not None:
+                        progress.put(m)
+                    del blk, vals  # free before the next block is read
         except BaseException:
             buckets.close()
             raise

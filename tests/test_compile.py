@@ -645,8 +645,9 @@ def test_spill_streams_read_back_what_was_appended(tmp_path, io, monkeypatch):
 
 
 def test_many_buckets_on_disk_equal_one_in_memory(project_copy, monkeypatch):
-    """A file spread over many scratch buckets (on disk, read back one ahead of the one
-    being written) gives the same store as one bucket in memory: every array."""
+    """A file read in many blocks (read, tokenized and spread on three threads) over many
+    scratch buckets (on disk, read back one ahead of the one being written) gives the
+    same store as one block in one bucket in memory: every array."""
     import shutil
 
     from preprocess import compiler
@@ -664,10 +665,33 @@ def test_many_buckets_on_disk_equal_one_in_memory(project_copy, monkeypatch):
         return real_spill(path, n_streams)
 
     monkeypatch.setattr(compiler, "Spill", counted)
-    assert cli.run(config(other, "compile.workers=1")) == 0
+    assert cli.run(config(other, "compile.workers=1", "compile.rows_per_read=16")) == 0
     assert len(spills) == 4 and min(spills) >= 2 * 6  # the CSR/CSC files: 6+ buckets each
     for stem, path in _stores(project_copy).items():
         a, b = _arrays(path), _arrays(_stores(other)[stem])
         assert a.keys() == b.keys()
         assert all(np.array_equal(a[k], b[k]) for k in a), stem
     assert not list((other / "compiled").rglob("_scratch"))
+
+
+def test_bad_values_mid_file_stop_the_reading_threads(project_copy):
+    """A negative value in a later block of a file read in many blocks fails that file
+    with the rows named, and leaves no reading or tokenizing thread behind."""
+    import threading
+
+    path = project_copy / H5 / "hs_csr_a.h5ad"
+    with h5py.File(path, "r+") as f:
+        indptr, data = f["X/indptr"][:], f["X/data"]
+        data[indptr[150]] = -3  # row 150
+    jobs = [
+        j
+        for j in make_jobs(config(project_copy, "compile.rows_per_read=16"))
+        if "hs_csr_a" in j.source
+    ]
+    from preprocess.compiler import compile_file
+
+    report = compile_file(jobs[0])
+    assert report.status == "failed"
+    assert "rows 144..159" in report.error and "negative" in report.error, report.error
+    # the readers are joined before the error is reported
+    assert not [t for t in threading.enumerate() if t.name.endswith("(produce)")]
