@@ -719,8 +719,8 @@ def _failure(e: Exception, job: FileJob) -> str:
     return f"{job.source}: {type(e).__name__}: {e}"
 
 
-def _finish_report(report: FileReport, t0: float) -> None:
-    report.seconds = time.perf_counter() - t0
+def _finish_report(report: FileReport, seconds: float) -> None:
+    report.seconds = seconds
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -733,7 +733,7 @@ class _Built:
     out: Path
     lock: ExitStack  # closing it releases the store's lock
     report: FileReport
-    t0: float
+    seconds: float  # the build's
 
 
 class _Finisher:
@@ -771,6 +771,7 @@ class _Finisher:
     def _run(self) -> None:
         while True:
             batch = self._take()
+            started = time.perf_counter()
             stores = [b for b in batch if b is not None]
             try:
                 _fsync_tree(*(b.tmp for b in stores))
@@ -796,7 +797,8 @@ class _Finisher:
                     b.report.error = _failure(e, b.job)
             for b in stores:
                 b.lock.close()
-                _finish_report(b.report, b.t0)
+                # the build and its batch's flushes, not the wait for the batch
+                _finish_report(b.report, b.seconds + time.perf_counter() - started)
             if len(stores) < len(batch):
                 return
 
@@ -867,12 +869,13 @@ def _compile(job: FileJob, progress, finisher: _Finisher) -> FileReport:
             shutil.rmtree(tmp, ignore_errors=True)
             report.status = "compiled"
         else:
-            finisher.submit(_Built(job, tmp, out, lock.pop_all(), report, t0))
+            seconds = time.perf_counter() - t0
+            finisher.submit(_Built(job, tmp, out, lock.pop_all(), report, seconds))
             handed = True
     except Exception as e:  # a failure of one file must not stop the others
         report.error = _failure(e, job)
     finally:
         lock.close()  # unless handed to the finisher, which releases it
         if not handed:
-            _finish_report(report, t0)
+            _finish_report(report, time.perf_counter() - t0)
     return report
