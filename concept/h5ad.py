@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -614,17 +615,22 @@ def open_source(
 
 
 _TOKENS_OF: dict[tuple[str, str], np.ndarray] = {}  # (vocabulary hash, ids hash) -> tokens
+_TOKENS_OF_LOCK = threading.Lock()
 
 
 def _tokens_of(mapping: TokenMapping, ids: np.ndarray) -> np.ndarray:
     """``mapping.tokens_of(ids)``, remembered for the last few gene lists: the files of a
     corpus often share one, and matching costs ~10 us per gene (a copy is returned)."""
     key = (mapping.sha256, hashlib.sha1(np.ascontiguousarray(ids).tobytes()).hexdigest())
-    if key not in _TOKENS_OF:
-        if len(_TOKENS_OF) >= 8:
-            del _TOKENS_OF[next(iter(_TOKENS_OF))]
-        _TOKENS_OF[key] = mapping.tokens_of(ids)
-    return _TOKENS_OF[key].copy()
+    with _TOKENS_OF_LOCK:  # files compiled on two threads at once (compile_files' lanes)
+        tokens = _TOKENS_OF.get(key)
+    if tokens is None:
+        tokens = mapping.tokens_of(ids)
+        with _TOKENS_OF_LOCK:
+            if len(_TOKENS_OF) >= 8:
+                del _TOKENS_OF[next(iter(_TOKENS_OF))]
+            _TOKENS_OF[key] = tokens
+    return tokens.copy()
 
 
 def match_genes(

@@ -103,7 +103,10 @@ def run_jobs(jobs: list[FileJob], workers: int) -> list[FileReport]:
     bar.set_postfix(current=skipped)
     workers = min(workers, len(todo))
     if workers <= 1:
-        for i, report in zip(todo, compile_files([jobs[i] for i in todo], _Bar(bar)), strict=True):
+        # one process: small files two at a time on two threads (compile_files' lanes)
+        lanes = min(2, os.cpu_count() or 1)
+        built = compile_files([jobs[i] for i in todo], _Bar(bar), lanes)
+        for i, report in zip(todo, built, strict=True):
             reports[i] = report
         bar.close()
         return reports

@@ -41,12 +41,13 @@ from concept.h5ad import match_genes, open_source
 from concept.tokenize import drop_duplicate_columns, take_cells, tokenize_csr
 from concept.vocab import InputError, TokenMapping, read_panel, read_token_mapping
 from preprocess.spill import Spill
-from preprocess.writer import StoreWriter, aligned_empty
+from preprocess.writer import LANE_SLOTS, StoreWriter, aligned_empty
 
 BUCKET_ELEMENTS = 4 << 20  # entries per scratch bucket: bounds pass-2 memory (~50 MB)
 MAX_BUCKETS = 512  # larger files get larger buckets: the scratch's memory stays bounded
 MIN_BUCKET_CELLS = 256
 _BUCKET_SLOTS = 10  # preprocess.writer.aligned_empty slots of pass 2 (the writer has 0-5)
+SMALL_FILE_BYTES = 64 << 20  # compile_files builds files under this size on several lanes
 
 
 @dataclass
@@ -185,10 +186,14 @@ class _Buckets:
     that block exactly. On disk in one :class:`preprocess.spill.Spill` under ``folder``
     (two streams per bucket: tokens, values), or in memory when there is a single bucket
     (a small file: no scratch file at all). :meth:`read` fills one of two sets of
-    buffers (``slot``), so that the next bucket can be read while one is written."""
+    buffers (``slot``), so that the next bucket can be read while one is written; those
+    of ``lane`` (:class:`preprocess.writer.StoreWriter`)."""
 
-    def __init__(self, folder: Path, n_buckets: int, token_dtype: np.dtype, in_memory: bool):
+    def __init__(
+        self, folder: Path, n_buckets: int, token_dtype: np.dtype, in_memory: bool, lane: int
+    ):
         self.token_dtype, self.in_memory = np.dtype(token_dtype), in_memory
+        self.first_slot = LANE_SLOTS * lane + _BUCKET_SLOTS
         self.positions: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
         # values: arrays in memory; (dtype, count) on disk
         self.segments: list[list] = [[] for _ in range(n_buckets)]
@@ -217,7 +222,7 @@ class _Buckets:
         segments, self.segments[b] = self.segments[b], []
         pos = np.concatenate(self.positions[b]) if segments else np.empty(0, np.int64)
         self.positions[b] = []
-        first = _BUCKET_SLOTS + 3 * slot
+        first = self.first_slot + 3 * slot
         if self.spill is None:
             n = sum(len(v) for v in segments)
             tokens = aligned_empty(first, n, self.token_dtype)
@@ -252,10 +257,16 @@ class _Buckets:
 
 
 def _build(
-    job: FileJob, mapping: TokenMapping, tmp: Path, inputs: dict, report: FileReport, progress
+    job: FileJob,
+    mapping: TokenMapping,
+    tmp: Path,
+    inputs: dict,
+    report: FileReport,
+    progress,
+    lane: int,
 ) -> None:
     """Write the store into ``tmp``, with ``inputs`` (:func:`concept.store.current_attrs`)
-    among its root attributes."""
+    among its root attributes, with the buffers of ``lane``."""
     s = job.settings
     with open_source(job.input, s["x_source"], job.source) as src:
         col_tokens, var_source, note = match_genes(src, mapping, job.species, s["var_column"])
@@ -298,9 +309,7 @@ def _build(
         vmax, integral = 0.0, raw
         vrange = [np.inf, -np.inf]  # of the stored values, for the non-integer warning
         tmp.mkdir(parents=True)
-        buckets = _Buckets(
-            tmp / "_scratch", n_buckets, mapping.token_dtype, in_memory=n_buckets == 1
-        )
+        buckets = _Buckets(tmp / "_scratch", n_buckets, mapping.token_dtype, n_buckets == 1, lane)
         # tokenize output buffers, used in turn: a block is tokenized while the one before
         # is spread over the buckets, and one more waits between them
         ring = [(np.empty(0, mapping.token_dtype), np.empty(0)) for _ in range(3)]
@@ -382,7 +391,7 @@ def _build(
         )
     store_vdtype = _value_dtype(job, report, integral, vmax)
     total = int(nnz.sum())
-    writer = StoreWriter(tmp, s, total, mapping.token_dtype, store_vdtype)
+    writer = StoreWriter(tmp, s, total, mapping.token_dtype, store_vdtype, lane)
     out_nnz = nnz[perm]
     out: tuple[np.ndarray, np.ndarray] = (np.empty(0, mapping.token_dtype), np.empty(0))
     try:
@@ -821,18 +830,54 @@ def compile_file(job: FileJob, progress=None) -> FileReport:
     return compile_files([job], progress)[0]
 
 
-def compile_files(jobs: list[FileJob], progress=None) -> list[FileReport]:
-    """Compile files one after the other in this process (:func:`compile_file`), each
-    store put in place on a thread of its own while the next file is built
-    (:class:`_Finisher`); returns when every store is in place."""
+def _small(job: FileJob) -> bool:
+    """Whether ``job``'s source is a file under :data:`SMALL_FILE_BYTES`."""
+    if job.adata is not None or objstore.is_uri(job.out):
+        return False
+    try:
+        return os.stat(job.source).st_size < SMALL_FILE_BYTES
+    except OSError:  # reported by its own compile
+        return False
+
+
+def compile_files(jobs: list[FileJob], progress=None, lanes: int = 1) -> list[FileReport]:
+    """Compile files in this process (:func:`compile_file`), each store put in place on
+    a thread of its own while the next file is built (:class:`_Finisher`); returns when
+    every store is in place.
+
+    With ``lanes`` > 1, small files (:func:`_small`) are built that many at a time, on
+    threads (the heavy parts release the GIL): a small file is one block, read, ordered
+    and written on one thread, so one at a time leaves a core idle. Larger files are built
+    one at a time first (each already runs on three threads).
+    """
     finisher = _Finisher()
     try:
-        return [_compile(job, progress, finisher) for job in jobs]
+        small = [i for i, job in enumerate(jobs) if lanes > 1 and _small(job)]
+        if len(small) < 2:
+            return [_compile(job, progress, finisher, 0) for job in jobs]
+        reports: list[FileReport | None] = [None] * len(jobs)
+        for i in sorted(set(range(len(jobs))) - set(small)):
+            reports[i] = _compile(jobs[i], progress, finisher, 0)
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for lane in range(lanes):
+            free.put(lane)
+
+        def run(i: int) -> FileReport:
+            lane = free.get()
+            try:
+                return _compile(jobs[i], progress, finisher, lane)
+            finally:
+                free.put(lane)
+
+        with ThreadPoolExecutor(lanes, thread_name_prefix="lane") as pool:
+            for i, report in zip(small, pool.map(run, small), strict=True):
+                reports[i] = report
+        return reports
     finally:
         finisher.close()
 
 
-def _compile(job: FileJob, progress, finisher: _Finisher) -> FileReport:
+def _compile(job: FileJob, progress, finisher: _Finisher, lane: int) -> FileReport:
     """:func:`compile_file` of one job; a local store built is handed to ``finisher``
     (the report says "compiled" once it is in place)."""
     t0 = time.perf_counter()
@@ -859,7 +904,7 @@ def _compile(job: FileJob, progress, finisher: _Finisher) -> FileReport:
         inputs = fmt.current_attrs(source, mapping.sha256, job.settings, job.fingerprint)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         try:
-            _build(job, mapping, tmp, inputs, report, progress)
+            _build(job, mapping, tmp, inputs, report, progress, lane)
             if remote:
                 objstore.publish(tmp, job.out)
         except BaseException:

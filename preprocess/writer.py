@@ -133,6 +133,7 @@ DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 _SLOTS: dict[int, mmap.mmap] = {}  # the shard writers' buffers, kept for the next store
+LANE_SLOTS = 100  # slots per lane (stores built at the same time): 0-5 the shard writer's
 
 
 def aligned_empty(slot: int, n: int, dtype: np.dtype) -> np.ndarray:
@@ -249,6 +250,10 @@ class StoreWriter:
         Entries in all (the arrays' length).
     token_dtype, value_dtype
         The stored dtypes.
+    lane
+        Which of the process's buffer sets (:func:`aligned_empty`) to use: stores written
+        at the same time (``preprocess.compiler.compile_files`` with ``lanes``) each
+        have a lane of their own.
     """
 
     def __init__(
@@ -258,6 +263,7 @@ class StoreWriter:
         nnz: int,
         token_dtype: np.dtype,
         value_dtype: np.dtype,
+        lane: int = 0,
     ):
         self.settings, self.nnz, self.folder = settings, nnz, Path(tmp)
         # plain: the bytes are written here (on a little-endian machine they are the
@@ -269,8 +275,9 @@ class StoreWriter:
 
             self.root = zarr.open_group(tmp, mode="a", zarr_format=3)
         self.groups: set[str] = set()
-        self.tokens = self._entries(fmt.TOKENS, np.dtype(token_dtype), slot=0)
-        self.values = self._entries(fmt.VALUES, np.dtype(value_dtype), slot=3)
+        first = LANE_SLOTS * lane  # stores written at once use buffers of their own
+        self.tokens = self._entries(fmt.TOKENS, np.dtype(token_dtype), slot=first)
+        self.values = self._entries(fmt.VALUES, np.dtype(value_dtype), slot=first + 3)
 
     def _parents(self, name: str) -> None:
         """The ``zarr.json`` of the groups above array ``name`` (as zarr makes them)."""

@@ -695,3 +695,36 @@ def test_bad_values_mid_file_stop_the_reading_threads(project_copy):
     assert "rows 144..159" in report.error and "negative" in report.error, report.error
     # the readers are joined before the error is reported
     assert not [t for t in threading.enumerate() if t.name.endswith("(produce)")]
+
+
+def test_small_files_on_two_lanes_equal_one_at_a_time(project_copy, monkeypatch):
+    """compile_files with two lanes (small files built two at a time on threads, each
+    with buffers of its own) gives the same stores as one at a time, its reports in the
+    jobs' order; a file above the size limit is built alone."""
+    import shutil
+
+    from preprocess import compiler
+
+    other = project_copy.parent / "other"
+    shutil.copytree(project_copy, other)
+    serial = compiler.compile_files(make_jobs(config(project_copy, "compile.workers=1")))
+    sizes = {Path(j.source).stem: os.stat(j.source).st_size for j in make_jobs(config(other))}
+    big = max(sizes, key=sizes.get)
+    monkeypatch.setattr(compiler, "SMALL_FILE_BYTES", sizes[big])  # all but the largest
+    lanes = set()
+    real = compiler._build
+
+    def build(*args):
+        lanes.add(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(compiler, "_build", build)
+    jobs = make_jobs(config(other, "compile.workers=1"))
+    reports = compiler.compile_files(jobs, lanes=2)
+    assert [r.file for r in reports] == [j.source for j in jobs]
+    assert [r.status for r in reports] == ["compiled"] * len(jobs) == [r.status for r in serial]
+    assert lanes == {0, 1}
+    for stem, path in _stores(project_copy).items():
+        a, b = _arrays(path), _arrays(_stores(other)[stem])
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a), stem
