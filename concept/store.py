@@ -20,6 +20,7 @@ Layout (DESIGN.md section 5)::
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import itertools
@@ -571,6 +572,28 @@ class _LocalFiles:
         if got != len(out):
             raise OSError(f"{self.root}/{name}: short read ({got} of {len(out)} bytes)")
 
+    def read_cached(self, name: str, offset: int, out: memoryview) -> int:
+        """Copy what the page cache holds of bytes ``[offset, offset + len(out))`` of a file
+        into ``out``, from the start on, without waiting for the disk (``preadv`` with
+        ``RWF_NOWAIT``), and ask the kernel to start reading the rest
+        (``POSIX_FADV_WILLNEED``); returns the bytes copied (all of them where the file
+        system cannot read without waiting). FileNotFoundError when absent."""
+        key, entry = _FDS.acquire(self._owner, self.root, name)
+        try:
+            try:
+                got = os.preadv(entry[0], [out], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                got = os.preadv(entry[0], [out], offset)
+            if got < len(out):
+                os.posix_fadvise(entry[0], offset + got, len(out) - got, os.POSIX_FADV_WILLNEED)
+        finally:
+            _FDS.release(key, entry)
+        return got
+
     def tail(self, name: str, n: int) -> bytes:
         """The last ``n`` bytes of a file; FileNotFoundError when absent."""
         key, entry = _FDS.acquire(self._owner, self.root, name)
@@ -706,17 +729,34 @@ class _RawArray:
         """Copy elements ``[start, stop)`` into ``out`` (a contiguous array of this dtype)."""
         if self.files.concurrent:
             return self.submit(start, stop, out)()
+        self.start_local(start, stop, out)()
+
+    def start_local(self, start: int, stop: int, out: np.ndarray):
+        """:meth:`read_into` on local files, started: what the page cache holds is copied
+        now, and the kernel is asked to read the rest from the disk while the caller goes
+        on (:meth:`_LocalFiles.read_cached`); the returned call copies that rest."""
         view = memoryview(out.view(np.uint8))
         size = self.dtype.itemsize
+        rest = []
         for k, offset, lo, hi in self._pieces(start, stop):
+            a, b = (lo - start) * size, (hi - start) * size
             if offset is not None:
                 try:
-                    a, b = (lo - start) * size, (hi - start) * size
-                    self.files.read_into(self.file(k), offset, view[a:b])
+                    got = self.files.read_cached(self.file(k), offset, view[a:b])
+                    if got < b - a:
+                        rest.append((self.file(k), offset + got, view[a + got : b]))
                     continue
                 except FileNotFoundError:  # an unwritten chunk holds the fill value
                     pass
             out[lo - start : hi - start] = self.fill
+        if not rest:
+            return _done
+
+        def finish() -> None:
+            for name, offset, part in rest:
+                self.files.read_into(name, offset, part)
+
+        return finish
 
     def submit(self, start: int, stop: int, out: np.ndarray):
         """:meth:`read_into` on a ``concurrent`` backend: every piece's request is started
@@ -953,8 +993,7 @@ class TokenStore:
         if self.mode == "raw":
             if self.files.concurrent:  # S3: the requests run while the caller goes on
                 return self._raw(name).submit(start, stop, out)
-            self._raw(name).read_into(start, stop, out)
-            return _done
+            return self._raw(name).start_local(start, stop, out)
         future = self._tensorstore(name)[start:stop].read()
 
         def finish() -> None:
