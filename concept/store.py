@@ -20,6 +20,7 @@ Layout (DESIGN.md section 5)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -594,6 +595,16 @@ class _LocalFiles:
             _FDS.release(key, entry)
         return got
 
+    def advise(self, name: str, offset: int, n: int) -> None:
+        """Ask the kernel to start reading bytes ``[offset, offset + n)`` of a file into the
+        page cache (``POSIX_FADV_WILLNEED``), without waiting; FileNotFoundError when
+        absent."""
+        key, entry = _FDS.acquire(self._owner, self.root, name)
+        try:
+            os.posix_fadvise(entry[0], offset, n, os.POSIX_FADV_WILLNEED)
+        finally:
+            _FDS.release(key, entry)
+
     def tail(self, name: str, n: int) -> bytes:
         """The last ``n`` bytes of a file; FileNotFoundError when absent."""
         key, entry = _FDS.acquire(self._owner, self.root, name)
@@ -750,7 +761,7 @@ class _RawArray:
                     pass
             out[lo - start : hi - start] = self.fill
         if not rest:
-            return _done
+            return done
 
         def finish() -> None:
             for name, offset, part in rest:
@@ -811,6 +822,18 @@ class _Column:
             for k in range(-(-self.length // self._raw.outer)):
                 self._chunk(k)
 
+    def advise(self, a: int, b: int) -> None:
+        """Ask the kernel to read the mapped pages of elements ``[a, b)`` ahead of their use
+        (their first touch is then no wait on the disk). Nothing for a private copy."""
+        raw, n = self._raw, self._raw and self._raw.outer
+        if raw is None or b <= a:
+            return
+        size = raw.dtype.itemsize
+        for k in range(a // n, (b - 1) // n + 1):
+            lo, hi = max(a, k * n), min(b, k * n + n)
+            with contextlib.suppress(FileNotFoundError):  # unwritten: the fill value
+                raw.files.advise(raw.file(k), (lo - k * n) * size, (hi - lo) * size)
+
     def _chunk(self, k: int) -> np.ndarray:
         chunk = self._chunks.get(k)
         if chunk is None:
@@ -844,7 +867,9 @@ class _Column:
 _UNREAD = object()
 
 
-def _done() -> None:
+def done() -> None:
+    """The completion :meth:`TokenStore.submit` returns for a read that finished when it
+    started (from memory, or a page cache that held every byte)."""
     return None
 
 
@@ -980,13 +1005,16 @@ class TokenStore:
         held = self._memory.get(name)
         if held is not None:
             out[...] = held[start:stop]
-            return _done
+            return done
         if out.dtype != self.dtype(name):  # e.g. a batch widened to a common dtype
             tmp = np.empty(stop - start, dtype=self.dtype(name))
-            done = self.submit(name, start, stop, tmp)
+            inner = self.submit(name, start, stop, tmp)
+            if inner is done:
+                out[...] = tmp
+                return done
 
             def widen() -> None:
-                done()
+                inner()
                 out[...] = tmp
 
             return widen
