@@ -999,8 +999,10 @@ class TokenStore:
     def submit(self, name: str, start: int, stop: int, out: np.ndarray):
         """Start reading ``[start, stop)`` into ``out``; returns a call that completes it.
 
-        Local raw reads finish at once; reads from S3 and tensorstore reads run
-        concurrently until completed, so a batch issues all its reads before waiting on any.
+        Local raw reads copy what the page cache holds at once and ask the kernel for the
+        rest, which the returned call reads (:func:`done` when nothing is left); reads
+        from S3 and tensorstore reads run concurrently until completed, so a batch issues
+        all its reads before waiting on any.
         """
         held = self._memory.get(name)
         if held is not None:

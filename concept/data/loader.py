@@ -3,7 +3,11 @@
 The loader asks the :class:`~concept.data.sampler.BlockSampler` for this rank's reads,
 reads each contiguous range straight into the batch's buffers
 (:class:`~concept.store.TokenStore`), and optionally plans the two panel views
-(:mod:`concept.data.views`) on the same background thread. ``num_workers=0`` (default)
+(:mod:`concept.data.views`) on the same background thread. A batch's reads start
+``prefetch`` batches before it is handed out: from local files, what the page cache
+holds is copied then and the rest is hinted to the kernel (read from the disk while the
+batches before it are built) and read when the batch is finished; once reads miss the
+page cache, the per-cell array pages of the batches ahead are hinted too. ``num_workers=0`` (default)
 keeps everything in the main process: handing batches between processes costs more than
 reading them. With workers, a torch DataLoader runs one reader per worker, each taking
 every k-th batch, which keeps the batch order.
