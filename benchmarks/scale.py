@@ -76,19 +76,25 @@ cache holds the corpus: *warm*), then drives the ranks through these phases in l
     The parent drops the corpus from the page cache (``posix_fadvise(DONTNEED)`` on
     every file after ``sync``; ``resident_after_drop`` is measured with ``mincore``),
     then each rank starts a new epoch and, from its first batch on (the epoch's start
-    is not timed), reads for ``--seconds`` while every ``os.pread`` / ``os.preadv`` the
-    loader makes is logged (thread, file, offset, bytes read: a few hundred nanoseconds
-    per call). The token and value reads are ``os.preadv`` through the store's
-    descriptor pool (``concept.store``), so they are logged; the page-ins of the
-    memory-mapped per-cell arrays are not (no system call), so the replay leaves them
-    out and the floor is a little faster than the loader's full I/O (the per-cell
-    arrays are 12 of the ~490 bytes per cell at a median of 100 genes). The parent
-    drops the pages again and each rank replays the reads logged within its window with
-    plain ``preadv`` on as many threads as the loader used
-    (files opened beforehand): the disk's random-read floor for the same request sizes,
-    files and thread count. ``floor_cells_per_s`` is the cold window's cells over the
-    replay's time; ``cold_ratio`` = cold / floor (the window's reads include the
-    read-ahead, up to ``prefetch`` batches, as the loader's own would). On a VM the
+    is not timed), reads for ``--seconds`` while every ``os.pread`` / ``os.preadv`` /
+    ``os.posix_fadvise(WILLNEED)`` the loader makes is logged (thread, file, offset,
+    bytes asked for and copied, ``RWF_NOWAIT`` or not: a few hundred nanoseconds per
+    call). The loader reads tokens and values through the store's descriptor pool
+    (``concept.store``): when it starts a batch (``prefetch`` batches before handing it
+    out) it copies what the page cache holds (``preadv`` with ``RWF_NOWAIT``) and hints
+    the rest to the kernel (``WILLNEED``), which it reads when it finishes the batch.
+    The parent drops the pages again and each rank replays the calls logged within its
+    window, in order, on as many threads as the loader used (files opened beforehand),
+    with no work between them: the disk's time for the loader's own I/O.
+    ``floor_cells_per_s`` is the cold window's cells over the replay's time;
+    ``cold_ratio`` = cold / floor. Then ``floor_blocking_cells_per_s`` and
+    ``cold_ratio_blocking``: the same bytes replayed one blocking ``preadv`` at a time
+    per thread (no hints: what the floor was before the loader hinted). The page-ins of
+    the memory-mapped per-cell arrays (no system call) are not replayed; the
+    ``/proc/self/io`` bytes the window and the replay read from the disk
+    (``cold_disk_bytes``, ``replay_disk_bytes``, read-ahead and page-ins included) and
+    the major page faults per batch (``cold_majflt_per_batch``) show what that leaves
+    out. ``cold_cpu_cores``: the CPU time of the window over its length. On a VM the
     host may cache the disk: "cold" means "not in this kernel's page cache".
 ``resume_s``
     ``load_state_dict`` of a state halfway through a new epoch, then the first batch
@@ -115,6 +121,7 @@ process; schedule build <= 0.5 s; warm cells/s >= 80% of the 1-store figure; col
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -286,6 +293,13 @@ def smaps() -> dict[str, int]:
     }
 
 
+def disk_reads() -> tuple[int, int]:
+    """This process's major page faults and the bytes it had read from the disk (page-ins
+    of mapped files and read-ahead included: ``/proc/self/io`` ``read_bytes``)."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt, int(io["read_bytes"])
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -305,14 +319,17 @@ def mid_epoch_state(loader, epoch: int) -> dict:
 
 
 class PreadLog:
-    """While active, logs every ``os.pread``/``os.preadv`` of this process: (thread, file,
-    offset, bytes read). The file of a descriptor comes from the ``os.open`` that made it
-    (or ``/proc/self/fd`` for one opened before)."""
+    """While active, logs the reads of this process, as (thread, file, offset, bytes
+    asked for, bytes copied, kind): every ``os.pread``/``os.preadv`` (kind ``read``, or
+    ``nowait`` for a ``preadv`` with ``RWF_NOWAIT``: what the page cache held, 0 bytes
+    copied when it held none) and every ``os.posix_fadvise(WILLNEED)`` (``hint``: read
+    ahead, nothing copied). The file of a descriptor comes from the ``os.open`` that made
+    it (or ``/proc/self/fd`` for one opened before)."""
 
-    NAMES = ("open", "close", "pread", "preadv")
+    NAMES = ("open", "close", "pread", "preadv", "posix_fadvise")
 
     def __enter__(self) -> PreadLog:
-        self.reads: list[tuple[int, str, int, int]] = []
+        self.reads: list[tuple[int, str, int, int, int, str]] = []
         self._paths: dict[int, str] = {}
         self._orig = {n: getattr(os, n) for n in self.NAMES}
         o, paths, reads, ident = self._orig, self._paths, self.reads, threading.get_ident
@@ -334,15 +351,27 @@ class PreadLog:
 
         def pread(fd, n, offset):
             data = o["pread"](fd, n, offset)
-            reads.append((ident(), path_of(fd), offset, len(data)))
+            reads.append((ident(), path_of(fd), offset, n, len(data), "read"))
             return data
 
-        def preadv(fd, buffers, offset, *a):
-            got = o["preadv"](fd, buffers, offset, *a)
-            reads.append((ident(), path_of(fd), offset, got))
+        def preadv(fd, buffers, offset, flags=0):
+            nowait = bool(flags & os.RWF_NOWAIT)
+            asked = sum(len(memoryview(b)) for b in buffers)
+            try:
+                got = o["preadv"](fd, buffers, offset, flags)
+            except BlockingIOError:
+                reads.append((ident(), path_of(fd), offset, asked, 0, "nowait"))
+                raise
+            reads.append((ident(), path_of(fd), offset, asked, got, "nowait" if nowait else "read"))
             return got
 
+        def posix_fadvise(fd, offset, n, advice):
+            o["posix_fadvise"](fd, offset, n, advice)
+            if advice == os.POSIX_FADV_WILLNEED:
+                reads.append((ident(), path_of(fd), offset, n, 0, "hint"))
+
         os.open, os.close, os.pread, os.preadv = open_, close_, pread, preadv
+        os.posix_fadvise = posix_fadvise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -350,20 +379,30 @@ class PreadLog:
             setattr(os, n, f)
 
 
-def replay(reads: list[tuple[int, str, int, int]]) -> dict:
-    """The logged reads again with plain ``preadv``, each thread's in its order on a thread
-    of its own (files opened before the clock starts)."""
-    by_thread: dict[int, list[tuple[str, int, int]]] = {}
-    for tid, path, offset, n in reads:
-        if n:
-            by_thread.setdefault(tid, []).append((path, offset, n))
+def replay(reads: list[tuple[int, str, int, int, int, str]], blocking: bool = False) -> dict:
+    """The logged reads again, each thread's in its order on a thread of its own (files
+    opened before the clock starts): every call as the loader made it (``preadv`` with
+    its flags, the read-ahead hints), or with ``blocking``, only the bytes copied, each
+    with a plain ``preadv`` that waits for the disk (one read at a time per thread)."""
+    by_thread: dict[int, list[tuple[str, int, int, str]]] = {}
+    for tid, path, offset, asked, got, kind in reads:
+        if blocking and got:
+            by_thread.setdefault(tid, []).append((path, offset, got, "read"))
+        elif not blocking and asked:
+            by_thread.setdefault(tid, []).append((path, offset, asked, kind))
     fds = {p: os.open(p, os.O_RDONLY) for p in {r[1] for r in reads}}
     try:
 
-        def work(seq: list[tuple[str, int, int]]) -> None:
-            buf = memoryview(bytearray(max(n for _, _, n in seq)))
-            for path, offset, n in seq:
-                os.preadv(fds[path], [buf[:n]], offset)
+        def work(seq: list[tuple[str, int, int, str]]) -> None:
+            buf = memoryview(bytearray(max(n for _, _, n, _ in seq)))
+            for path, offset, n, kind in seq:
+                if kind == "hint":
+                    os.posix_fadvise(fds[path], offset, n, os.POSIX_FADV_WILLNEED)
+                elif kind == "nowait":
+                    with contextlib.suppress(BlockingIOError):
+                        os.preadv(fds[path], [buf[:n]], offset, os.RWF_NOWAIT)
+                else:
+                    os.preadv(fds[path], [buf[:n]], offset)
 
         threads = [threading.Thread(target=work, args=(s,)) for s in by_thread.values()]
         t0 = time.perf_counter()
@@ -375,10 +414,11 @@ def replay(reads: list[tuple[int, str, int, int]]) -> dict:
     finally:
         for fd in fds.values():
             os.close(fd)
+    calls = [r for seq in by_thread.values() for r in seq]
     return {
         "seconds": seconds,
-        "reads": sum(len(s) for s in by_thread.values()),
-        "bytes": sum(n for s in by_thread.values() for _, _, n in s),
+        "calls": len(calls),
+        "hints": sum(r[3] == "hint" for r in calls),
         "threads": len(by_thread),
         "files": len(fds),
     }
@@ -472,11 +512,13 @@ class Rank:
             next(it)  # the epoch's start (its schedule) is not part of the window
             first = time.perf_counter() - t0
             i0, cpu0, t0 = len(log.reads), time.process_time(), time.perf_counter()
+            disk0 = disk_reads()
             for batch in it:
                 n, cells = n + 1, cells + len(batch)
                 if time.perf_counter() - t0 >= self.args.seconds:
                     break
             seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            majflt, disk_bytes = (b - a for a, b in zip(disk0, disk_reads(), strict=True))
             self.reads = log.reads[i0:]  # the reads done within the window
             fds = open_fds()
             it.close()
@@ -488,13 +530,25 @@ class Rank:
             "cpu_seconds": cpu,
             "cells_per_s": cells / seconds,
             "fds": fds,
-            "reads": len(self.reads),
-            "read_bytes": sum(r[3] for r in self.reads),
+            "calls": len(self.reads),
+            "read_bytes": sum(r[4] for r in self.reads),
+            "hints": sum(r[5] == "hint" for r in self.reads),
+            "nowait_missed": sum(r[5] == "nowait" and r[4] < r[3] for r in self.reads),
             "threads": len({r[0] for r in self.reads}),
+            "majflt": majflt,
+            "disk_bytes": disk_bytes,
         }
 
-    def replay(self) -> dict:
-        return replay(self.reads) if self.reads else {"seconds": None}
+    def replay(self, blocking: bool = False) -> dict:
+        if not self.reads:
+            return {"seconds": None}
+        disk0 = disk_reads()
+        out = replay(self.reads, blocking)
+        majflt, disk_bytes = (b - a for a, b in zip(disk0, disk_reads(), strict=True))
+        return {**out, "majflt": majflt, "disk_bytes": disk_bytes}
+
+    def replay_blocking(self) -> dict:
+        return self.replay(blocking=True)
 
     def resume(self) -> dict:
         state = mid_epoch_state(self.loader, RESUME_EPOCH)
@@ -601,6 +655,8 @@ def run(corpus: Path, meta: dict, world: int, seconds: float, fits: bool) -> dic
         ranks["cold"] = w.ask("cold")
         row["drop_before_replay"] = drop_pages(files)
         ranks["replay"] = w.ask("replay")
+        row["drop_before_blocking_replay"] = drop_pages(files)
+        ranks["replay_blocking"] = w.ask("replay_blocking")
         ranks["resume"] = w.ask("resume")
     except RankFailed as e:
         row["error"] = str(e)
@@ -610,11 +666,13 @@ def run(corpus: Path, meta: dict, world: int, seconds: float, fits: bool) -> dic
         w.close()
     cells = meta["cells"]
     warm, cold, replayed = ranks["warm"], ranks["cold"], ranks["replay"]
-    floor = (
-        sum(c["cells"] / r["seconds"] for c, r in zip(cold, replayed, strict=True))
-        if all(r["seconds"] for r in replayed)
-        else None
-    )
+
+    def floor_of(replays: list[dict]) -> float | None:
+        if not all(r["seconds"] for r in replays):
+            return None
+        return sum(c["cells"] / r["seconds"] for c, r in zip(cold, replays, strict=True))
+
+    floor, blocking = floor_of(replayed), floor_of(ranks["replay_blocking"])
     row.update(
         {
             "startup_s": max(r["startup_s"] for r in ranks["start"]),
@@ -645,6 +703,15 @@ def run(corpus: Path, meta: dict, world: int, seconds: float, fits: bool) -> dic
             "cold_cells_per_s": sum(r["cells_per_s"] for r in cold),
             "floor_cells_per_s": floor,
             "cold_ratio": None if floor is None else sum(r["cells_per_s"] for r in cold) / floor,
+            "floor_blocking_cells_per_s": blocking,
+            "cold_ratio_blocking": None
+            if blocking is None
+            else sum(r["cells_per_s"] for r in cold) / blocking,
+            "cold_cpu_cores": sum(r["cpu_seconds"] / r["seconds"] for r in cold),
+            "cold_majflt_per_batch": sum(r["majflt"] for r in cold)
+            / max(sum(r["batches"] for r in cold), 1),
+            "cold_disk_bytes": sum(r["disk_bytes"] for r in cold),
+            "replay_disk_bytes": sum(r["disk_bytes"] for r in replayed),
             "loadavg_1min": os.getloadavg()[0],
             "per_rank": ranks,
         }
@@ -652,7 +719,9 @@ def run(corpus: Path, meta: dict, world: int, seconds: float, fits: bool) -> dic
     print(
         f"  {world} rank(s): startup {row['startup_s']:.2f} s, warm "
         f"{row['warm_cells_per_s']:,.0f} cells/s, cold {row['cold_cells_per_s']:,.0f} "
-        f"(floor {floor or 0:,.0f}), USS {row['uss_bytes_per_cell']:.1f} B/cell, fds "
+        f"(floor {floor or 0:,.0f}, blocking {blocking or 0:,.0f}; disk MB {row['cold_disk_bytes'] / 1e6:,.0f} / "
+        f"{row['replay_disk_bytes'] / 1e6:,.0f}, major faults per batch "
+        f"{row['cold_majflt_per_batch']:.2f}), USS {row['uss_bytes_per_cell']:.1f} B/cell, fds "
         f"{row['fds']}, schedule {row['schedule_s']:.3f} s, resume {row['resume_s']:.3f} s",
         flush=True,
     )
@@ -753,8 +822,8 @@ def _f(x, digits=0) -> str:
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
-        "| stores | cells | ranks | startup s (CPU) | USS B/cell | PSS B/cell (file) | anon B/cell | private dirty B/cell | PSS 2 ranks / 1 | fds | schedule s (CPU) | resume s (CPU) | warm cells/s | warm ratio | warm cells/CPU-s (ratio) | 2 ranks / 1 | cold cells/s | floor cells/s | cold ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| stores | cells | ranks | startup s (CPU) | USS B/cell | PSS B/cell (file) | anon B/cell | private dirty B/cell | PSS 2 ranks / 1 | fds | schedule s (CPU) | resume s (CPU) | warm cells/s | warm ratio | warm cells/CPU-s (ratio) | 2 ranks / 1 | cold cells/s (CPU cores) | floor cells/s | cold ratio | blocking floor | cold / blocking |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
@@ -774,8 +843,10 @@ def table(rows: list[dict]) -> list[str]:
             f"{r['resume_s']:.3f} ({r['resume_cpu_s']:.3f}) | "
             f"{r['warm_cells_per_s']:,.0f} | {_f(r['warm_ratio'], 2)} | "
             f"{r['warm_cells_per_cpu_s']:,.0f} ({_f(r['warm_ratio_per_cpu'], 2)}) | "
-            f"{_f(r['scaling'] if two else None, 2)} | {r['cold_cells_per_s']:,.0f} | "
-            f"{_f(r['floor_cells_per_s'])} | {_f(r['cold_ratio'], 2)} |"
+            f"{_f(r['scaling'] if two else None, 2)} | {r['cold_cells_per_s']:,.0f} "
+            f"({r['cold_cpu_cores']:.2f}) | {_f(r['floor_cells_per_s'])} | "
+            f"{_f(r['cold_ratio'], 2)} | {_f(r['floor_blocking_cells_per_s'])} | "
+            f"{_f(r['cold_ratio_blocking'], 2)} |"
         )
     return lines
 

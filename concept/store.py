@@ -20,6 +20,8 @@ Layout (DESIGN.md section 5)::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import itertools
@@ -571,6 +573,38 @@ class _LocalFiles:
         if got != len(out):
             raise OSError(f"{self.root}/{name}: short read ({got} of {len(out)} bytes)")
 
+    def read_cached(self, name: str, offset: int, out: memoryview) -> int:
+        """Copy what the page cache holds of bytes ``[offset, offset + len(out))`` of a file
+        into ``out``, from the start on, without waiting for the disk (``preadv`` with
+        ``RWF_NOWAIT``), and ask the kernel to start reading the rest
+        (``POSIX_FADV_WILLNEED``); returns the bytes copied (all of them where the file
+        system cannot read without waiting). FileNotFoundError when absent."""
+        key, entry = _FDS.acquire(self._owner, self.root, name)
+        try:
+            try:
+                got = os.preadv(entry[0], [out], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                got = os.preadv(entry[0], [out], offset)
+            if got < len(out):
+                os.posix_fadvise(entry[0], offset + got, len(out) - got, os.POSIX_FADV_WILLNEED)
+        finally:
+            _FDS.release(key, entry)
+        return got
+
+    def advise(self, name: str, offset: int, n: int) -> None:
+        """Ask the kernel to start reading bytes ``[offset, offset + n)`` of a file into the
+        page cache (``POSIX_FADV_WILLNEED``), without waiting; FileNotFoundError when
+        absent."""
+        key, entry = _FDS.acquire(self._owner, self.root, name)
+        try:
+            os.posix_fadvise(entry[0], offset, n, os.POSIX_FADV_WILLNEED)
+        finally:
+            _FDS.release(key, entry)
+
     def tail(self, name: str, n: int) -> bytes:
         """The last ``n`` bytes of a file; FileNotFoundError when absent."""
         key, entry = _FDS.acquire(self._owner, self.root, name)
@@ -706,17 +740,34 @@ class _RawArray:
         """Copy elements ``[start, stop)`` into ``out`` (a contiguous array of this dtype)."""
         if self.files.concurrent:
             return self.submit(start, stop, out)()
+        self.start_local(start, stop, out)()
+
+    def start_local(self, start: int, stop: int, out: np.ndarray):
+        """:meth:`read_into` on local files, started: what the page cache holds is copied
+        now, and the kernel is asked to read the rest from the disk while the caller goes
+        on (:meth:`_LocalFiles.read_cached`); the returned call copies that rest."""
         view = memoryview(out.view(np.uint8))
         size = self.dtype.itemsize
+        rest = []
         for k, offset, lo, hi in self._pieces(start, stop):
+            a, b = (lo - start) * size, (hi - start) * size
             if offset is not None:
                 try:
-                    a, b = (lo - start) * size, (hi - start) * size
-                    self.files.read_into(self.file(k), offset, view[a:b])
+                    got = self.files.read_cached(self.file(k), offset, view[a:b])
+                    if got < b - a:
+                        rest.append((self.file(k), offset + got, view[a + got : b]))
                     continue
                 except FileNotFoundError:  # an unwritten chunk holds the fill value
                     pass
             out[lo - start : hi - start] = self.fill
+        if not rest:
+            return done
+
+        def finish() -> None:
+            for name, offset, part in rest:
+                self.files.read_into(name, offset, part)
+
+        return finish
 
     def submit(self, start: int, stop: int, out: np.ndarray):
         """:meth:`read_into` on a ``concurrent`` backend: every piece's request is started
@@ -771,6 +822,18 @@ class _Column:
             for k in range(-(-self.length // self._raw.outer)):
                 self._chunk(k)
 
+    def advise(self, a: int, b: int) -> None:
+        """Ask the kernel to read the mapped pages of elements ``[a, b)`` ahead of their use
+        (their first touch is then no wait on the disk). Nothing for a private copy."""
+        raw, n = self._raw, self._raw and self._raw.outer
+        if raw is None or b <= a:
+            return
+        size = raw.dtype.itemsize
+        for k in range(a // n, (b - 1) // n + 1):
+            lo, hi = max(a, k * n), min(b, k * n + n)
+            with contextlib.suppress(FileNotFoundError):  # unwritten: the fill value
+                raw.files.advise(raw.file(k), (lo - k * n) * size, (hi - lo) * size)
+
     def _chunk(self, k: int) -> np.ndarray:
         chunk = self._chunks.get(k)
         if chunk is None:
@@ -804,7 +867,9 @@ class _Column:
 _UNREAD = object()
 
 
-def _done() -> None:
+def done() -> None:
+    """The completion :meth:`TokenStore.submit` returns for a read that finished when it
+    started (from memory, or a page cache that held every byte)."""
     return None
 
 
@@ -934,27 +999,31 @@ class TokenStore:
     def submit(self, name: str, start: int, stop: int, out: np.ndarray):
         """Start reading ``[start, stop)`` into ``out``; returns a call that completes it.
 
-        Local raw reads finish at once; reads from S3 and tensorstore reads run
-        concurrently until completed, so a batch issues all its reads before waiting on any.
+        Local raw reads copy what the page cache holds at once and ask the kernel for the
+        rest, which the returned call reads (:func:`done` when nothing is left); reads
+        from S3 and tensorstore reads run concurrently until completed, so a batch issues
+        all its reads before waiting on any.
         """
         held = self._memory.get(name)
         if held is not None:
             out[...] = held[start:stop]
-            return _done
+            return done
         if out.dtype != self.dtype(name):  # e.g. a batch widened to a common dtype
             tmp = np.empty(stop - start, dtype=self.dtype(name))
-            done = self.submit(name, start, stop, tmp)
+            inner = self.submit(name, start, stop, tmp)
+            if inner is done:
+                out[...] = tmp
+                return done
 
             def widen() -> None:
-                done()
+                inner()
                 out[...] = tmp
 
             return widen
         if self.mode == "raw":
             if self.files.concurrent:  # S3: the requests run while the caller goes on
                 return self._raw(name).submit(start, stop, out)
-            self._raw(name).read_into(start, stop, out)
-            return _done
+            return self._raw(name).start_local(start, stop, out)
         future = self._tensorstore(name)[start:stop].read()
 
         def finish() -> None:

@@ -3,7 +3,11 @@
 The loader asks the :class:`~concept.data.sampler.BlockSampler` for this rank's reads,
 reads each contiguous range straight into the batch's buffers
 (:class:`~concept.store.TokenStore`), and optionally plans the two panel views
-(:mod:`concept.data.views`) on the same background thread. ``num_workers=0`` (default)
+(:mod:`concept.data.views`) on the same background thread. A batch's reads start
+``prefetch`` batches before it is handed out: from local files, what the page cache
+holds is copied then and the rest is hinted to the kernel (read from the disk while the
+batches before it are built) and read when the batch is finished; once reads miss the
+page cache, the per-cell array pages of the batches ahead are hinted too. ``num_workers=0`` (default)
 keeps everything in the main process: handing batches between processes costs more than
 reading them. With workers, a torch DataLoader runs one reader per worker, each taking
 every k-th batch, which keeps the batch order.
@@ -144,6 +148,10 @@ class TokenLoader:
         self.paths = [p if objstore.is_uri(p) else Path(p) for p in store_paths]
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
+        # the per-cell arrays a batch reads (their pages are hinted ahead on a cold cache)
+        self._cell_columns = [fmt.INDPTR, fmt.TOTAL_COUNTS] + ([fmt.ROW] if rows else [])
+        self._cell_columns += [f"{fmt.OBS_GROUP}/{k}" for k in obs_keys]
+        self._missed = False  # the last batch started found bytes outside the page cache
         columns = [fmt.INDPTR, fmt.TOTAL_COUNTS, fmt.VAR_TOKENS] + ([fmt.ROW] if rows else [])
         obs = [f"{fmt.OBS_GROUP}/{k}" for k in obs_keys]
         with _gc_paused():  # thousands of stores' objects: no collections while they grow
@@ -284,6 +292,7 @@ class TokenLoader:
                 else:
                     obs[key][c : c + m] = -1
             e, c = e + k, c + m
+        self._missed = any(wait is not fmt.done for wait in pending)
 
         def finish() -> PackedBatch:
             for wait in pending:
@@ -310,6 +319,18 @@ class TokenLoader:
 
         return finish
 
+    def _advise_cells(self, reads: Reads) -> None:
+        """Hint the per-cell array pages of ``reads`` to the kernel (read while the batches
+        before them are read and built; on first touch they would be read one page fault
+        at a time, waiting)."""
+        for s, a, b in zip(
+            reads.store.tolist(), reads.start.tolist(), reads.stop.tolist(), strict=True
+        ):
+            rd = self.readers[s]
+            for name in self._cell_columns:
+                if rd.has(name):  # a store without an obs column reads none
+                    rd.column(name).advise(a, b + 1 if name == fmt.INDPTR else b)
+
     def _produce(self, out: queue.Queue, stop: threading.Event, schedule) -> None:
         epoch, start, batches = schedule
         try:
@@ -319,11 +340,16 @@ class TokenLoader:
                 batch = started.popleft()()
                 out.put(batch.pin_memory() if self.pin else batch)
 
+            upcoming: deque[Reads] = deque()  # the next batches' reads, not started yet
             for index in range(start, len(batches)):
                 if stop.is_set():
                     return
-                reads = self.sampler.rank_slice(batches.batch(index))
-                started.append(self._start_batch(reads, epoch, index))
+                while len(upcoming) < min(max(self.prefetch, 1), len(batches) - index):
+                    reads = self.sampler.rank_slice(batches.batch(index + len(upcoming)))
+                    if self._missed:  # a cold cache: the per-cell pages too, ahead
+                        self._advise_cells(reads)
+                    upcoming.append(reads)
+                started.append(self._start_batch(upcoming.popleft(), epoch, index))
                 if len(started) >= max(self.prefetch, 1):
                     hand_out()
             while started and not stop.is_set():
