@@ -192,7 +192,7 @@ class _Buckets:
     def __init__(
         self, folder: Path, n_buckets: int, token_dtype: np.dtype, in_memory: bool, lane: int
     ):
-        self.token_dtype, self.in_memory = np.dtype(token_dtype), in_memory
+        self.token_dtype = np.dtype(token_dtype)
         self.first_slot = LANE_SLOTS * lane + _BUCKET_SLOTS
         self.positions: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
         # values: arrays in memory; (dtype, count) on disk

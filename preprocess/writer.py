@@ -139,7 +139,8 @@ LANE_SLOTS = 100  # slots per lane (stores built at the same time): 0-5 the shar
 def aligned_empty(slot: int, n: int, dtype: np.dtype) -> np.ndarray:
     """``n`` items of ``dtype`` in page-aligned memory (an anonymous mapping): buffer
     ``slot`` of this process, reused by the next store while large enough (fresh pages
-    cost more than the bytes written from them; stores are written one at a time)."""
+    cost more than the bytes written from them; stores written at the same time use
+    slots of their own, :data:`LANE_SLOTS` apart)."""
     dtype = np.dtype(dtype)
     nbytes = max(n * dtype.itemsize, 1)
     if slot not in _SLOTS or len(_SLOTS[slot]) < nbytes:
@@ -229,7 +230,8 @@ class _ShardWriter:
             raise errors[0]
 
 
-_POOL = ThreadPoolExecutor(1, thread_name_prefix="shards")  # one store is written at a time
+# every store's shards, one write at a time (stores of two lanes share it)
+_POOL = ThreadPoolExecutor(1, thread_name_prefix="shards")
 
 
 class StoreWriter:

@@ -149,15 +149,15 @@ class TokenLoader:
         if not self.paths:
             raise ValueError("TokenLoader needs at least one store")
         # the per-cell arrays a batch reads (their pages are hinted ahead on a cold cache)
-        self._cell_columns = [fmt.INDPTR, fmt.TOTAL_COUNTS] + ([fmt.ROW] if rows else [])
-        self._cell_columns += [f"{fmt.OBS_GROUP}/{k}" for k in obs_keys]
-        self._missed = False  # the last batch started found bytes outside the page cache
-        columns = [fmt.INDPTR, fmt.TOTAL_COUNTS, fmt.VAR_TOKENS] + ([fmt.ROW] if rows else [])
+        columns = [fmt.INDPTR, fmt.TOTAL_COUNTS] + ([fmt.ROW] if rows else [])
         obs = [f"{fmt.OBS_GROUP}/{k}" for k in obs_keys]
+        self._cell_columns = columns + obs
+        self._missed = False  # the last batch started found bytes outside the page cache
         with _gc_paused():  # thousands of stores' objects: no collections while they grow
             self.readers = [TokenStore(p, reader) for p in self.paths]
             for r in self.readers:
-                r.prepare(columns + [c for c in obs if r.has(c)], (fmt.TOKENS, fmt.VALUES))
+                mapped = columns + [fmt.VAR_TOKENS] + [c for c in obs if r.has(c)]
+                r.prepare(mapped, (fmt.TOKENS, fmt.VALUES))
                 if in_memory:
                     r.hold_in_memory()
         self.species = [r.attrs["species"] for r in self.readers]
